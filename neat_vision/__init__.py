@@ -1,0 +1,60 @@
+"""neat-vision: NEAT (nonlinear parameter-efficient adaptation) for timm models.
+
+``import neat_vision`` makes ``timm.create_model(name, ..., neat=dict(targets="qkv", rank=7))`` return the
+model with NEAT tweakers injected, the base frozen, tweakers and head trainable.
+"""
+
+from .adapter import (
+    AdapterMismatchError,
+    adapted_layers,
+    apply_adapter,
+    apply_neat,
+    delta_norms,
+    disable_neat,
+    fingerprint,
+    merge,
+    merge_and_unload,
+    neat_parameters,
+    read_adapter_config,
+    save_adapter,
+    set_path,
+    trainable_summary,
+    unmerge,
+)
+from .config import ConfigError, NeatConfig
+from .layers import AdaptedLinear
+from .targets import TargetError, resolve_targets
+from .timm_hook import create_model, install, load_adapter
+from .tweaker import Tweaker, tweaker_param_count
+
+install()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptedLinear",
+    "AdapterMismatchError",
+    "ConfigError",
+    "NeatConfig",
+    "TargetError",
+    "Tweaker",
+    "adapted_layers",
+    "apply_adapter",
+    "apply_neat",
+    "create_model",
+    "delta_norms",
+    "disable_neat",
+    "fingerprint",
+    "install",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "neat_parameters",
+    "read_adapter_config",
+    "resolve_targets",
+    "save_adapter",
+    "set_path",
+    "trainable_summary",
+    "tweaker_param_count",
+    "unmerge",
+]

@@ -1,0 +1,346 @@
+"""Apply, merge and unload updates on a model; save and load adapter files.
+
+An adapter file is a folder with ``adapter.safetensors`` (the trainable tensors: updates and head) and
+``adapter_config.json`` (method and config, what base model it was trained on, and a fingerprint of the
+adapted base weights, so loading onto other weights fails instead of silently producing garbage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import CONFIG_TYPES, NeatConfig
+from .layers import AdaptedLinear
+from .targets import AliasTable, resolve_targets
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "neat-vision-adapter"
+
+# callables that describe a model's base (library, name, tag, classes); integrations append to this
+BASE_DESCRIBERS: list[Callable[[nn.Module], dict[str, Any] | None]] = []
+
+
+class AdapterMismatchError(RuntimeError):
+    """An adapter file does not fit the model it is loaded onto."""
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """The model's adapted layers by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def _head_names(model: nn.Module) -> list[str]:
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        return [n for n, m in model.named_modules() if m is head and n]
+    names = {"head", "classifier", "fc", "score"}
+    return [n for n, _ in model.named_children() if n in names]
+
+
+def _drop_missing_update_keys(module: nn.Module, incompatible_keys) -> None:
+    """Load hook: a plain base checkpoint (no update tensors at all) loads into an adapted model."""
+    update_keys = {
+        f"{name}.updates.{key}" for name, layer in adapted_layers(module).items() for key in layer.updates.state_dict()
+    }
+    missing = set(incompatible_keys.missing_keys)
+    if update_keys and update_keys <= missing:
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in update_keys]
+
+
+def apply_adapter(
+    model: nn.Module,
+    config: Any,
+    *,
+    aliases: AliasTable | None = None,
+    head: list[str] | None = None,
+) -> nn.Module:
+    """Adapt ``model`` in place with the method ``config`` describes, freeze the rest, return it.
+
+    ``head`` names the modules trained whole when ``config.train_head`` (default: the classifier).
+    """
+    if adapted_layers(model):
+        raise ValueError("this model is already adapted; call merge_and_unload() first to adapt it again")
+    targets = resolve_targets(model, config.targets, config.layers, aliases)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for target in targets:
+        parent_name, _, attr = target.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, attr)
+        setattr(parent, attr, AdaptedLinear(base, target.slices, config.make_update, path=config.path))
+    for layer in adapted_layers(model).values():
+        layer.updates.requires_grad_(True)
+    if config.train_head:
+        for name in _head_names(model) if head is None else head:
+            model.get_submodule(name).requires_grad_(True)
+    if config.trainable:
+        patterns = [re.compile(p) for p in config.trainable]
+        for name, p in model.named_parameters():
+            if any(pat.search(name) for pat in patterns):
+                p.requires_grad_(True)
+    model.neat_config = config
+    model.register_load_state_dict_post_hook(_drop_missing_update_keys)
+    return model
+
+
+def apply_neat(model: nn.Module, config: NeatConfig | Mapping[str, Any], **kwargs: Any) -> nn.Module:
+    """Inject NEAT tweakers into ``model`` in place (base frozen; tweakers and head trainable)."""
+    return apply_adapter(model, NeatConfig.coerce(config), **kwargs)
+
+
+def neat_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every update tensor (tweakers, or another method's updates)."""
+    for name, layer in adapted_layers(model).items():
+        for key, p in layer.updates.named_parameters():
+            yield f"{name}.updates.{key}", p
+
+
+def trainable_summary(model: nn.Module) -> dict[str, Any]:
+    """Parameter counts: ``neat`` (updates), ``head``, ``other`` trainable, ``trainable``, ``total``."""
+    update_ids = {id(p) for _, p in neat_parameters(model)}
+    head_ids = {id(p) for n in _head_names(model) for p in model.get_submodule(n).parameters()}
+    counts = {"neat": 0, "head": 0, "other": 0, "trainable": 0, "total": 0}
+    for p in model.parameters():
+        counts["total"] += p.numel()
+        if p.requires_grad:
+            counts["trainable"] += p.numel()
+            kind = "neat" if id(p) in update_ids else "head" if id(p) in head_ids else "other"
+            counts[kind] += p.numel()
+    counts["trainable_percent"] = 100.0 * counts["trainable"] / max(counts["total"], 1)
+    counts["adapted_layers"] = len(adapted_layers(model))
+    return counts
+
+
+def merge(model: nn.Module, safe: bool = False) -> nn.Module:
+    """Fold every update into its base weight (a copy of ``W0`` is kept for `unmerge`)."""
+    for layer in adapted_layers(model).values():
+        layer.merge(safe=safe)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore every adapted base weight to ``W0`` exactly."""
+    for layer in adapted_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every adapted layer by a plain ``nn.Linear`` holding ``W0 + dW``: the base architecture."""
+    for name, layer in adapted_layers(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, layer.to_linear())
+    for attr in ("neat_config",):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    hooks = model._load_state_dict_post_hooks
+    for key in [k for k, h in hooks.items() if h is _drop_missing_update_keys]:
+        del hooks[key]
+    return model
+
+
+@contextlib.contextmanager
+def disable_neat(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes its base function; merged layers are restored after."""
+    layers = adapted_layers(model).values()
+    was_merged = [layer.merged for layer in layers]
+    for layer in layers:
+        if layer.merged:
+            layer.unmerge()
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, merged in zip(layers, was_merged):
+            layer.disabled = False
+            if merged:
+                layer.merge()
+
+
+def set_path(model: nn.Module, path: str) -> nn.Module:
+    """Switch every adapted layer's forward path (``factored``, ``fused`` or ``dense``)."""
+    if path not in ("factored", "fused", "dense"):
+        raise ValueError(f"path={path!r} is not allowed: one of factored, fused, dense")
+    for layer in adapted_layers(model).values():
+        layer.path = path
+    if hasattr(model, "neat_config"):
+        model.neat_config = model.neat_config.replace(path=path)
+    return model
+
+
+@torch.no_grad()
+def delta_norms(model: nn.Module) -> dict[str, float]:
+    """Frobenius norm of ``dW`` per adapted layer."""
+    return {name: float(layer.delta_weight().norm()) for name, layer in adapted_layers(model).items()}
+
+
+def _sketch_vectors(n: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(4, n, generator=gen, dtype=torch.float64)
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Identity of the adapted base weights: an exact hash, and per layer a norm and bilinear sketches.
+
+    The sketches ``u_j^T W0 v_j`` (fixed Gaussian ``u``, ``v``) change by about ``||W0 - W0'||`` when the
+    weights change, so a cast to another dtype passes a tolerant check while other weights do not.
+    """
+    digest = hashlib.sha256()
+    layers = {}
+    for name, layer in adapted_layers(model).items():
+        w = layer.base_weight.detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(w.dtype).encode())
+        digest.update(w.view(-1).view(torch.uint8).numpy().tobytes())
+        w64 = w.double()
+        u = _sketch_vectors(w.shape[0], 1)
+        v = _sketch_vectors(w.shape[1], 2)
+        sketch = torch.einsum("jo,oi,ji->j", u, w64, v) / (w.shape[0] * w.shape[1]) ** 0.5
+        layers[name] = {"shape": list(w.shape), "norm": float(w64.norm()), "sketch": sketch.tolist()}
+    return {"sha256": digest.hexdigest(), "layers": layers}
+
+
+def _compare_fingerprints(saved: dict[str, Any], current: dict[str, Any], rtol: float = 1e-2) -> list[str]:
+    problems = []
+    if set(saved["layers"]) != set(current["layers"]):
+        only_saved = sorted(set(saved["layers"]) - set(current["layers"]))
+        only_here = sorted(set(current["layers"]) - set(saved["layers"]))
+        return [f"adapted layers differ: only in file {only_saved[:5]}, only in model {only_here[:5]}"]
+    for name, s in saved["layers"].items():
+        c = current["layers"][name]
+        if s["shape"] != c["shape"]:
+            problems.append(f"{name}: shape {c['shape']} != saved {s['shape']}")
+            continue
+        tol = rtol * max(s["norm"], 1e-12) / (s["shape"][0] * s["shape"][1]) ** 0.5
+        if abs(s["norm"] - c["norm"]) > rtol * s["norm"] or any(
+            abs(a - b) > tol for a, b in zip(s["sketch"], c["sketch"])
+        ):
+            problems.append(f"{name}: norm {c['norm']:.6g} vs saved {s['norm']:.6g}")
+    return problems
+
+
+def describe_base(model: nn.Module) -> dict[str, Any]:
+    """What the integrations know about the base model (e.g. timm name, pretrained tag, classes)."""
+    for describe in BASE_DESCRIBERS:
+        info = describe(model)
+        if info:
+            return info
+    return {"class": type(model).__name__}
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the trainable tensors and the adapter config to the folder ``path``; return it."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "neat_config", None)
+    if config is None:
+        raise ValueError("save_adapter: this model has no adapter (apply_neat or create_model(neat=...) first)")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "method": config.method,
+        "config": config.to_dict(),
+        "base": describe_base(model),
+        "fingerprint": fingerprint(model),
+        "tensors": sorted(tensors),
+    }
+    _atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    _atomic_write(folder / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return folder
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of an adapter folder."""
+    file = Path(path) / ADAPTER_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"no adapter config at {file} (expected a folder written by save_adapter)")
+    meta = json.loads(file.read_text())
+    if meta.get("format") != FORMAT:
+        raise AdapterMismatchError(f"{file} is not a {FORMAT} file (format={meta.get('format')!r})")
+    return meta
+
+
+def config_from_meta(meta: Mapping[str, Any]) -> Any:
+    """The config object recorded in an adapter's metadata."""
+    method = meta["method"]
+    if method not in CONFIG_TYPES:
+        raise AdapterMismatchError(f"adapter method {method!r} is unknown here; known: {', '.join(CONFIG_TYPES)}")
+    return CONFIG_TYPES[method].coerce(meta["config"])
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True, **apply_kwargs) -> nn.Module:
+    """Load an adapter folder into ``model`` (adapting it first if it is a plain model); return it.
+
+    Raises `AdapterMismatchError` when the model's adapted base weights are not those the adapter was
+    trained on (pass ``check_base=False`` to skip the check), or when the tensors do not fit.
+    """
+    from safetensors.torch import load_file
+
+    meta = read_adapter_config(path)
+    config = config_from_meta(meta)
+    if not adapted_layers(model):
+        apply_adapter(model, config, **apply_kwargs)
+    elif getattr(model, "neat_config", None) != config:
+        raise AdapterMismatchError(
+            f"the model is adapted with {getattr(model, 'neat_config', None)}, the file with {config}"
+        )
+    if check_base:
+        current = fingerprint(model)
+        if current["sha256"] != meta["fingerprint"]["sha256"]:
+            problems = _compare_fingerprints(meta["fingerprint"], current)
+            if problems:
+                raise AdapterMismatchError(
+                    f"adapter {path} was trained on other base weights ({meta['base']}); "
+                    f"{len(problems)} adapted layer(s) differ, e.g. {'; '.join(problems[:3])}. "
+                    "Load the same pretrained weights, or pass check_base=False to force."
+                )
+            warnings.warn(
+                "adapted base weights match the adapter's only up to precision (another dtype?)", stacklevel=2
+            )
+    tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        if name not in params:
+            raise AdapterMismatchError(f"adapter tensor {name} has no parameter in this model")
+        if params[name].shape != t.shape:
+            raise AdapterMismatchError(f"adapter tensor {name}: shape {tuple(t.shape)} != {tuple(params[name].shape)}")
+    merged = [layer for layer in adapted_layers(model).values() if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t)
+            params[name].requires_grad_(True)
+    for layer in merged:
+        layer.merge()
+    return model

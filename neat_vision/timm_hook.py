@@ -1,0 +1,115 @@
+"""timm integration: ``timm.create_model(name, ..., neat=dict(...))`` returns the adapted model.
+
+timm has no plugin mechanism and ``create_model`` is bound under several names (``timm.create_model``,
+``timm.models.create_model``, a ``from timm.models import create_model`` done before we are imported).
+Every one of them looks the architecture up in timm's entrypoint registry and calls the entrypoint
+with the remaining keyword arguments, so the registry is where we hook: its lookups return the
+entrypoint wrapped to pop ``neat=``, build the plain model (pretrained weights load here, before
+injection), then adapt it. A ``checkpoint_path=`` loads after the entrypoint returns; that works because
+adapted layers keep the base weights under their original names.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import timm
+import timm.models._registry as timm_registry
+from torch import nn
+
+from . import adapter as _adapter
+from .config import NeatConfig
+
+
+def _wrap_entrypoint(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    @functools.wraps(fn)
+    def entrypoint(*args: Any, neat: NeatConfig | dict | None = None, **kwargs: Any) -> nn.Module:
+        model = fn(*args, **kwargs)
+        if neat is not None:
+            _adapter.apply_neat(model, neat)
+        return model
+
+    entrypoint.__neat_wrapped__ = fn
+    return entrypoint
+
+
+class _EntrypointRegistry(dict):
+    """timm's ``_model_entrypoints`` dict whose lookups return NEAT-aware entrypoints."""
+
+    def __getitem__(self, name: str) -> Callable[..., nn.Module]:
+        fn = super().__getitem__(name)
+        wrapped = _WRAPPED.get(fn)
+        if wrapped is None:
+            wrapped = _WRAPPED[fn] = _wrap_entrypoint(fn)
+        return wrapped
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+
+_WRAPPED: dict[Callable, Callable] = {}
+
+
+def install() -> None:
+    """Make every ``create_model`` binding accept ``neat=`` (idempotent)."""
+    if not isinstance(timm_registry._model_entrypoints, _EntrypointRegistry):
+        timm_registry._model_entrypoints = _EntrypointRegistry(timm_registry._model_entrypoints)
+    if _describe_timm not in _adapter.BASE_DESCRIBERS:
+        _adapter.BASE_DESCRIBERS.append(_describe_timm)
+
+
+def _describe_timm(model: nn.Module) -> dict[str, Any] | None:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict) or "architecture" not in cfg:
+        return None
+    model_args = {
+        k: v for k, v in getattr(model, "_model_args", {}).items() if k != "neat" and isinstance(v, (int, float, str))
+    }
+    return {
+        "library": "timm",
+        "model_name": cfg["architecture"],
+        "pretrained_tag": cfg.get("tag"),
+        "num_classes": getattr(model, "num_classes", None),
+        "model_args": model_args,
+    }
+
+
+def create_model(model_name: str, *, neat: NeatConfig | dict | None = None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with NEAT: the explicit spelling of ``timm.create_model(..., neat=...)``."""
+    install()
+    return timm.create_model(model_name, neat=neat, **kwargs)
+
+
+def load_adapter(
+    model_or_name: nn.Module | str | None,
+    path: str | os.PathLike,
+    *,
+    pretrained: bool = True,
+    check_base: bool = True,
+    **create_kwargs: Any,
+) -> nn.Module:
+    """Load an adapter folder onto a model, or onto a fresh timm model built from a name.
+
+    With a name (or ``None``: the name recorded in the adapter), the model is built with
+    ``timm.create_model(name, pretrained=pretrained, num_classes=<recorded>, **create_kwargs)`` so the
+    pretrained weights the adapter was trained on load first; the base check then confirms them.
+    """
+    if isinstance(model_or_name, nn.Module):
+        return _adapter.load_adapter(model_or_name, path, check_base=check_base)
+    meta = _adapter.read_adapter_config(path)
+    base = meta.get("base", {})
+    name = model_or_name
+    if name is None:
+        if base.get("library") != "timm":
+            raise ValueError(f"adapter {path} records no timm model name; pass the model or its name")
+        name = base["model_name"] + (f".{base['pretrained_tag']}" if base.get("pretrained_tag") else "")
+    kwargs = dict(base.get("model_args", {}))
+    kwargs.pop("pretrained_cfg_overlay", None)
+    if base.get("num_classes") is not None:
+        kwargs["num_classes"] = base["num_classes"]
+    kwargs.update(create_kwargs)
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    return _adapter.load_adapter(model, path, check_base=check_base)
