@@ -2,7 +2,8 @@
 
 A target is an alias or a regular expression:
 
-- aliases name a module by its last path component and, for fused projections, a chunk of its output
+- aliases name a module by the end of its name (its last path component, or a regular expression over the
+  last components, e.g. ``attention\\.output\\.dense``) and, for fused projections, a chunk of its output
   rows: ``q`` is chunk 0 of 3 of a fused ``qkv`` (or a whole ``q``), ``k``/``v`` are chunks 1/2 of ``qkv``
   or chunks 0/1 of a fused ``kv`` (or a whole ``k``/``v``), ``qkv`` is the fused layer as one block
   (or the separate q/k/v/kv layers), ``proj``/``fc1``/``fc2`` are themselves, ``mlp`` is fc1 + fc2.
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-# alias -> list of (leaf module name, chunk index, number of chunks); chunk None = the whole layer
+# alias -> list of (name ending, chunk index, number of chunks); the ending is a regular expression matched against
+# the last components of a module name (``qkv``, ``attention\.output\.dense``); chunk None = the whole layer
 AliasTable = Mapping[str, Sequence[tuple[str, int | None, int]]]
 
 DEFAULT_ALIASES: dict[str, tuple[tuple[str, int | None, int], ...]] = {
@@ -90,9 +92,10 @@ def resolve_targets(
     for target in targets:
         found = False
         if target in table:
-            for leaf, chunk, n_chunks in table[target]:
+            for ending, chunk, n_chunks in table[target]:
+                ending_pattern = re.compile(rf"(?:.*\.)?(?:{ending})")
                 for name, module in modules.items():
-                    if name.rsplit(".", 1)[-1] != leaf:
+                    if not ending_pattern.fullmatch(name):
                         continue
                     out = module.out_features
                     if chunk is None:

@@ -1,0 +1,99 @@
+"""Command-line settings of the runners: a YAML ``--config`` sets the defaults, flags override them.
+
+YAML keys are the flags' names with underscores (``batch_size`` for ``--batch-size``); ``neat:`` is a mapping
+of `NeatConfig` fields, overridden field by field with ``--neat KEY=VALUE`` (the value read as YAML).
+Unknown keys fail with the allowed names, so a misspelled setting never passes silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+# settings that must be positive integers when given
+COUNTS = ("epochs", "batch_size", "micro_batch_size", "eval_batch_size", "max_length", "cutoff_len", "num_beams")
+
+# settings that do not change a run's training (a resumed run may differ in these)
+NOT_TRAINING = {"config", "resume", "device", "output", "checkpoint_steps", "eval_batch_size", "eval_dir", "eval_sets"}
+NOT_TRAINING |= {"eval_limit", "max_new_tokens", "num_beams", "eval_only", "adapter"}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every runner has: config, model, output, NEAT overrides, optimisation and checkpointing basics."""
+    parser.add_argument("--config", help="YAML file whose keys set the defaults of these flags")
+    parser.add_argument("--model", help="transformers model name or local folder (from_pretrained)")
+    parser.add_argument("--tokenizer", help="tokenizer name or folder (default: --model)")
+    parser.add_argument("--output", help="run folder: checkpoint.pt, best/ and last/ adapters, summary.csv, tb/")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoint.pt")
+    parser.add_argument(
+        "--neat", dest="neat_overrides", action="append", default=[], metavar="KEY=VALUE", help="NeatConfig field"
+    )
+    parser.add_argument("--lr", type=float, help="learning rate of the tweakers")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--batch-size", type=int, help="examples per optimizer step")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="bf16: bf16 base weights and autocast")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--checkpoint-steps", type=int, default=500, help="also checkpoint every N steps (0: off)")
+    parser.set_defaults(neat={})
+
+
+def parse_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, required: Sequence[str]
+) -> argparse.Namespace:
+    """Parse ``argv`` with ``--config`` defaults; fail on unknown YAML keys and on missing ``required`` settings."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            parser.error(f"--config {path}: no such file")
+        values = yaml.safe_load(path.read_text()) or {}
+        allowed = {a.dest for a in parser._actions} | set(parser._defaults)
+        allowed -= {"help", "config", "neat_overrides", "resume"}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            parser.error(f"{path}: unknown key(s) {unknown}; allowed keys are {', '.join(sorted(allowed))}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    args.neat = dict(args.neat or {})
+    for item in args.neat_overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--neat {item!r} is not allowed: KEY=VALUE (e.g. --neat rank=8)")
+        args.neat[key] = yaml.safe_load(value)
+    del args.neat_overrides
+    missing = [name for name in required if getattr(args, name) is None]
+    if missing:
+        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+        parser.error(f"missing setting(s) {flags}: give them as flags or in the --config file")
+    for action in parser._actions:  # argparse checks choices on the command line only, not on YAML defaults
+        value = getattr(args, action.dest, None)
+        if action.choices and value is not None and value not in action.choices:
+            parser.error(f"{action.dest}={value!r} is not allowed: one of {', '.join(map(str, action.choices))}")
+    for name in COUNTS:
+        value = getattr(args, name, None)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            parser.error(f"--{name.replace('_', '-')}={value!r} is not allowed: an integer >= 1")
+    return args
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name``, or cuda when available, else cpu."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that define a run's training (what a resumed run must share with the original)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_TRAINING}

@@ -1,0 +1,162 @@
+"""GLUE runner: NEAT on a sequence classifier (default ``roberta-base``), the paper's Tables 8/9 settings.
+
+    python -m neat_vision.nlp.glue --config configs/glue/cola_neat_l.yaml [--data-dir glue_data]
+
+Trains the tweakers (``--lr``) and the classifier head (``--head-lr``) with AdamW and a linear schedule
+with ``--warmup-ratio`` warmup, evaluates on the dev set (MNLI: matched) after every epoch and keeps the
+best epoch's adapter in ``<output>/best``. Writes ``results.json`` (best and per-epoch dev metrics),
+``summary.csv``, TensorBoard events in ``tb/`` and ``checkpoint.pt`` (``--resume`` continues it). Exit
+code 0 on success, 2 on bad settings, 3 when the loss diverged (the last good checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from ..adapter import trainable_summary
+from ..config import NeatConfig
+from .apply import apply_neat, load_tokenizer
+from .cli import DTYPES, add_common_arguments, parse_args, resolve_device, run_config
+from .glue_data import TASKS, Example, get_task, load_glue
+from .loop import Diverged, LoopSettings, ResumeError, TrainLoop, check_output, make_optimizer, prepare_model
+from .metrics import TASK_METRICS, glue_metrics, primary_metric
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m neat_vision.nlp.glue", description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--task", choices=list(TASKS))
+    parser.add_argument("--data-dir", help="GLUE TSV folder (<data-dir>/CoLA/train.tsv, ...); default: datasets")
+    parser.add_argument("--head-lr", type=float, help="learning rate of the classifier head (default: --lr)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per example (truncation)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.06)
+    parser.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
+    parser.set_defaults(model="roberta-base")
+    return parser
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
+) -> list[dict[str, object]]:
+    columns = list(zip(*(texts for texts, _ in examples)))
+    encoded = tokenizer(*columns, truncation=True, max_length=max_length)
+    features = [{key: encoded[key][i] for key in encoded} for i in range(len(examples))]
+    for feature, (_, label) in zip(features, examples):
+        feature["labels"] = label
+    return features
+
+
+def train_glue(args: argparse.Namespace) -> dict[str, object]:
+    """Run one GLUE fine-tuning described by parsed ``args``; return the results (also in results.json)."""
+    task = get_task(args.task)
+    check_output(args.output, args.resume)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    neat = NeatConfig.coerce(args.neat)
+    train_examples, dev_examples = load_glue(task, args.data_dir)
+    torch.manual_seed(args.seed)
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model, num_labels=task.num_labels, **({"dtype": dtype} if dtype is not None else {})
+    )
+    if model.config.pad_token_id is None:  # decoder-only classifiers find the last token through it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    apply_neat(model, neat)
+    model = prepare_model(model, device=device, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
+
+    train = _encode(tokenizer, train_examples, args.max_length)
+    dev = _encode(tokenizer, dev_examples, args.max_length)
+    label_dtype = torch.float32 if task.is_regression else torch.long
+
+    def forward(features: Sequence[dict[str, object]]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features], return_tensors="pt")
+        logits = model(**batch.to(device)).logits.float()
+        labels = torch.tensor([f["labels"] for f in features], dtype=label_dtype, device=device)
+        return logits, labels
+
+    def loss_fn(indices: list[int]) -> tuple[torch.Tensor, int]:
+        logits, labels = forward([train[i] for i in indices])
+        if task.is_regression:
+            return F.mse_loss(logits.squeeze(-1), labels, reduction="sum"), len(indices)
+        return F.cross_entropy(logits, labels, reduction="sum"), len(indices)
+
+    eval_batch = args.eval_batch_size or args.batch_size
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        predictions, labels = [], []
+        for start in range(0, len(dev), eval_batch):
+            logits, batch_labels = forward(dev[start : start + eval_batch])
+            predictions.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
+            labels.append(batch_labels)
+        return glue_metrics(task.name, torch.cat(predictions).cpu().numpy(), torch.cat(labels).cpu().numpy())
+
+    steps = args.epochs * math.ceil(len(train) / args.batch_size)
+    optimizer = make_optimizer(model, args.lr, args.head_lr, args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * steps), steps)
+    metric = primary_metric(task.name)
+    settings = LoopSettings(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        micro_batch_size=args.batch_size,
+        seed=args.seed,
+        max_grad_norm=args.max_grad_norm,
+        checkpoint_steps=args.checkpoint_steps,
+        autocast_dtype=dtype,
+        select_metric=metric,
+    )
+    loop = TrainLoop(
+        model,
+        optimizer,
+        scheduler,
+        n_train=len(train),
+        loss_fn=loss_fn,
+        evaluate=evaluate,
+        settings=settings,
+        out=args.output,
+        run_config=run_config(args),
+    )
+    progress = loop.run(resume=args.resume)
+    results = {
+        "task": task.name,
+        "metric": metric,
+        "best": progress.best,
+        "history": progress.history,
+        "params": trainable_summary(model),
+        "train_examples": len(train),
+        "dev_examples": len(dev),
+    }
+    (Path(args.output) / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    args = parse_args(build_parser(), argv, required=("task", "lr", "batch_size", "epochs", "output"))
+    try:
+        results = train_glue(args)
+    except Diverged as err:
+        print(f"diverged: {err}", file=sys.stderr)
+        return 3
+    except (ResumeError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    best = results["best"]
+    scores = ", ".join(f"{k} {best[k]:.4f}" for k in TASK_METRICS[args.task])
+    print(f"{args.task}: best epoch {best['epoch']}: {scores} -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The training loop of the NLP runners: seeded epochs, accumulation, TensorBoard, atomic checkpoints, exact resume.
+
+Written out rather than delegated to the HF ``Trainer`` so that its guarantees are plain to read and test:
+
+- Batches are a function of ``(seed, epoch)`` and ``checkpoint.pt`` holds the trainable tensors, optimizer,
+  scheduler and RNG states and the position (epoch, step, running loss, per-epoch history), so a run
+  resumed after a kill continues step for step as the uninterrupted run and ends with the same metrics.
+- Checkpoints are written atomically (temporary file, then rename): a kill never leaves a torn one.
+- A non-finite loss stops the run with `Diverged` before the optimizer step; a checkpoint is written only
+  after a finite step with finite trainable tensors, so the last one on disk is good.
+- Accumulation is exact: micro-batch losses are summed, and the gradient is divided by the number of
+  loss terms (examples or answer tokens) of the whole batch, as if it were one forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+
+from ..adapter import _atomic_write, neat_parameters, save_adapter
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "neat-vision-nlp-checkpoint"
+
+
+class Diverged(RuntimeError):
+    """The loss (or a trainable tensor) became NaN or infinite; the last checkpoint is kept."""
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed with these settings (or there is none, or one is in the way)."""
+
+
+@dataclass
+class LoopSettings:
+    """How to step through the data. ``max_grad_norm=0`` and ``checkpoint_steps=0`` turn those off."""
+
+    epochs: int
+    batch_size: int
+    micro_batch_size: int
+    seed: int
+    max_grad_norm: float = 0.0
+    checkpoint_steps: int = 0
+    autocast_dtype: torch.dtype | None = None
+    select_metric: str | None = None
+    maximize: bool = True
+
+
+@dataclass
+class Progress:
+    """Where a run is: position, running loss of the current epoch, one history row per finished epoch."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    epoch_loss: float = 0.0
+    epoch_terms: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] | None = None
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled example indices of one epoch, cut into batches (the last may be smaller)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def check_output(out: str | Path, resume: bool) -> None:
+    """Fail early unless ``out`` holds a checkpoint exactly when resuming (a fresh run never overwrites one)."""
+    path = Path(out) / CHECKPOINT
+    if resume and not path.is_file():
+        raise ResumeError(f"nothing to resume: no {path}")
+    if not resume and path.exists():
+        raise ResumeError(f"{path} exists: pass --resume to continue it, or choose another output")
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_summary(path: Path, history: Sequence[dict[str, float]]) -> None:
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue()))
+
+
+class TrainLoop:
+    """Trains ``model`` for ``settings.epochs`` epochs over ``n_train`` examples and writes to ``out``.
+
+    ``loss_fn(indices) -> (summed loss, number of loss terms)`` runs the forward pass of one micro-batch;
+    ``evaluate() -> metrics`` runs after each epoch (``settings.select_metric`` picks the best epoch, whose
+    adapter goes to ``out/best``). ``run_config`` is stored in the checkpoint; resuming with another fails.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        n_train: int,
+        loss_fn: Callable[[list[int]], tuple[Tensor, int]],
+        evaluate: Callable[[], dict[str, float]] | None,
+        settings: LoopSettings,
+        out: str | Path,
+        run_config: dict[str, Any],
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.n_train = n_train
+        self.loss_fn = loss_fn
+        self.evaluate = evaluate
+        self.settings = settings
+        self.out = Path(out)
+        self.run_config = run_config
+        self.progress = Progress()
+        self.device = next(model.parameters()).device
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.settings.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def save_checkpoint(self) -> None:
+        """Write the resume state atomically (refusing non-finite trainable tensors)."""
+        trainable = _trainable(self.model)
+        bad = [name for name, p in trainable.items() if not torch.isfinite(p).all()]
+        if bad:
+            raise Diverged(f"trainable tensors became non-finite ({bad[:3]}); the last checkpoint is kept")
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "run_config": self.run_config,
+            "trainable": {name: p.detach().cpu() for name, p in trainable.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "progress": asdict(self.progress),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self) -> None:
+        """Restore the state of ``out/checkpoint.pt``; it must come from the same ``run_config``."""
+        check_output(self.out, resume=True)
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ResumeError(f"{self.checkpoint_path} is not a {CHECKPOINT_FORMAT} file")
+        saved = state["run_config"]
+        changed = sorted(k for k in set(saved) | set(self.run_config) if saved.get(k) != self.run_config.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {self.run_config.get(k)!r}" for k in changed)
+            raise ResumeError(f"{self.checkpoint_path} was written with other settings ({detail}); resume with those")
+        trainable = _trainable(self.model)
+        if set(trainable) != set(state["trainable"]):
+            raise ResumeError(f"{self.checkpoint_path} holds other trainable tensors than this model")
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                trainable[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.progress = Progress(**state["progress"])
+
+    def run(self, resume: bool = False) -> Progress:
+        """Train from the start (``out`` must hold no checkpoint) or from ``out/checkpoint.pt``."""
+        check_output(self.out, resume)
+        if resume:
+            self.load_checkpoint()
+        purge = self.progress.global_step if resume else None
+        with SummaryWriter(str(self.out / "tb"), purge_step=purge) as writer:
+            while self.progress.epoch < self.settings.epochs:
+                self._train_epoch(writer)
+                self._end_epoch(writer)
+        save_adapter(self.model, self.out / "last")
+        return self.progress
+
+    def _train_epoch(self, writer: SummaryWriter) -> None:
+        s, p = self.settings, self.progress
+        batches = epoch_batches(self.n_train, s.batch_size, s.seed, p.epoch)
+        trainable = list(_trainable(self.model).values())
+        self.model.train()
+        while p.step_in_epoch < len(batches):
+            indices = batches[p.step_in_epoch]
+            total = torch.zeros((), device=self.device)
+            terms = 0
+            for i in range(0, len(indices), s.micro_batch_size):
+                with self._autocast():
+                    loss, n = self.loss_fn(indices[i : i + s.micro_batch_size])
+                loss.backward()
+                total += loss.detach().float()
+                terms += n
+            step_loss = total.item()
+            if not math.isfinite(step_loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise Diverged(
+                    f"loss is {step_loss} at step {p.global_step + 1} (epoch {p.epoch + 1}); stopped, "
+                    f"the last good checkpoint ({self.checkpoint_path}) is kept"
+                )
+            for param in trainable:
+                if param.grad is not None:
+                    param.grad.div_(max(terms, 1))
+            if s.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, s.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            p.global_step += 1
+            p.step_in_epoch += 1
+            p.epoch_loss += step_loss
+            p.epoch_terms += terms
+            writer.add_scalar("train/loss", step_loss / max(terms, 1), p.global_step)
+            writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], p.global_step)
+            if s.checkpoint_steps and p.global_step % s.checkpoint_steps == 0 and p.step_in_epoch < len(batches):
+                self.save_checkpoint()
+
+    def _end_epoch(self, writer: SummaryWriter) -> None:
+        s, p = self.settings, self.progress
+        row: dict[str, float] = {
+            "epoch": p.epoch + 1,
+            "step": p.global_step,
+            "train_loss": p.epoch_loss / max(p.epoch_terms, 1),
+        }
+        if self.evaluate is not None:
+            with self._autocast():
+                row.update(self.evaluate())
+        for key, value in row.items():
+            if key not in ("epoch", "step"):
+                writer.add_scalar(("train/" if key == "train_loss" else "dev/") + key, value, p.global_step)
+        p.history.append(row)
+        metric = s.select_metric
+        if metric is not None:
+            best = p.best[metric] if p.best is not None else None
+            if best is None or (row[metric] > best if s.maximize else row[metric] < best):
+                p.best = row
+                save_adapter(self.model, self.out / "best")
+        p.epoch += 1
+        p.step_in_epoch = 0
+        p.epoch_loss = 0.0
+        p.epoch_terms = 0
+        self.save_checkpoint()
+        _write_summary(self.out / "summary.csv", p.history)
+
+
+def prepare_model(
+    model: nn.Module, *, device: torch.device, dtype: torch.dtype | None, gradient_checkpointing: bool
+) -> nn.Module:
+    """Move to ``device``; keep trainable tensors in fp32 under a low-precision base; enable checkpointing."""
+    if dtype is not None:
+        for p in _trainable(model).values():
+            p.data = p.data.float()
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+            model.activation_checkpointing_enable(kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model.to(device)
+
+
+def make_optimizer(model: nn.Module, lr: float, head_lr: float | None, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the tweakers at ``lr`` and every other trainable tensor (the head) at ``head_lr`` (or ``lr``)."""
+    tweaker_ids = {id(p) for _, p in neat_parameters(model)}
+    trainable = list(_trainable(model).values())
+    groups = [{"params": [p for p in trainable if id(p) in tweaker_ids], "lr": lr}]
+    others = [p for p in trainable if id(p) not in tweaker_ids]
+    if others:
+        groups.append({"params": others, "lr": lr if head_lr is None else head_lr})
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)

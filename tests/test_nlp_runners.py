@@ -1,0 +1,201 @@
+"""The GLUE and instruction-tuning runners end to end on tiny models and data in the real formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from safetensors.torch import load_file  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from transformers import AutoModelForSequenceClassification  # noqa: E402
+
+from neat_vision.config import NeatConfig  # noqa: E402
+from neat_vision.nlp import glue, instruct, load_adapter  # noqa: E402
+from neat_vision.nlp.apply import load_tokenizer  # noqa: E402
+from neat_vision.nlp.cli import parse_args  # noqa: E402
+from neat_vision.nlp.glue_data import TASKS, load_glue  # noqa: E402
+from neat_vision.nlp.loop import CHECKPOINT  # noqa: E402
+from neat_vision.nlp.metrics import glue_metrics  # noqa: E402
+from tests import nlp_fixtures as fx  # noqa: E402
+from tests.nlp_fixtures import single_thread  # noqa: E402, F401 (an autouse fixture)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def roberta_folder(tmp_path_factory) -> Path:
+    return fx.save_roberta_folder(tmp_path_factory.mktemp("roberta") / "model")
+
+
+def glue_args(model: Path, data: Path, out: Path, task: str, *extra: str) -> list[str]:
+    common = ["--task", task, "--model", str(model), "--data-dir", str(data), "--output", str(out)]
+    return common + ["--lr", "1e-2", "--batch-size", "8", "--neat", "rank=2", "--neat", "scale=1.0", *extra]
+
+
+def read_results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("task", "extra"),
+    [("cola", []), ("stsb", []), ("mrpc", ["--gradient-checkpointing"]), ("mnli", ["--dtype", "bf16"])],
+    ids=["cola", "stsb", "mrpc-checkpointing", "mnli-bf16"],
+)
+def test_glue_runner_end_to_end(tmp_path, roberta_folder, task, extra):
+    data = fx.write_glue(tmp_path / "glue", task, n_train=24, n_dev=12)
+    out = tmp_path / "run"
+    assert glue.main(glue_args(roberta_folder, data, out, task, "--epochs", "2", *extra)) == 0
+    results = read_results(out)
+    metrics = {"cola": {"mcc"}, "stsb": {"pearson", "spearman"}, "mrpc": {"accuracy", "f1"}, "mnli": {"accuracy"}}
+    assert [row["epoch"] for row in results["history"]] == [1, 2]
+    assert metrics[task] <= set(results["best"]) and results["dev_examples"] == 12
+    assert (out / "best" / "adapter.safetensors").is_file() and (out / "last" / "adapter.safetensors").is_file()
+    assert len((out / "summary.csv").read_text().splitlines()) == 3 and list((out / "tb").iterdir())
+    if task == "stsb":  # the best adapter, loaded onto the base model, scores what the run recorded
+        model = AutoModelForSequenceClassification.from_pretrained(roberta_folder, num_labels=1)
+        load_adapter(model, out / "best").eval()
+        _, dev = load_glue(TASKS["stsb"], data)
+        first, second = ([texts[k] for texts, _ in dev] for k in (0, 1))
+        batch = load_tokenizer(roberta_folder)(first, second, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            scores = model(**batch).logits.squeeze(-1).numpy()
+        pearson = glue_metrics("stsb", scores, [label for _, label in dev])["pearson"]
+        assert pearson == pytest.approx(results["best"]["pearson"], abs=1e-5)
+
+
+def test_glue_training_learns_a_toy_task(tmp_path, roberta_folder):
+    data = fx.write_glue(tmp_path / "glue", "sst2", n_train=128, n_dev=32)
+    out = tmp_path / "run"
+    settings = ["--epochs", "24", "--batch-size", "16", "--neat", "rank=4"]
+    assert glue.main(glue_args(roberta_folder, data, out, "sst2", *settings)) == 0
+    history = read_results(out)["history"]
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert read_results(out)["best"]["accuracy"] >= 0.85  # chance is 0.5
+
+
+def test_glue_resume_after_a_kill_ends_with_the_same_results(tmp_path, roberta_folder, monkeypatch):
+    data = fx.write_glue(tmp_path / "glue", "cola", n_train=40, n_dev=16)
+    settings = ["--epochs", "3", "--checkpoint-steps", "3"]  # 5 steps an epoch: checkpoints at 3, 5, 6, 9, 10, ...
+    assert glue.main(glue_args(roberta_folder, data, tmp_path / "whole", "cola", *settings)) == 0
+
+    killed = tmp_path / "killed"
+    add_scalar = SummaryWriter.add_scalar
+
+    def die_at_step_8(self, tag, value, step=None, *args, **kwargs):
+        if tag == "train/loss" and step == 8:
+            raise KeyboardInterrupt("killed")
+        return add_scalar(self, tag, value, step, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", die_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        glue.main(glue_args(roberta_folder, data, killed, "cola", *settings))
+    monkeypatch.setattr(SummaryWriter, "add_scalar", add_scalar)
+    assert torch.load(killed / CHECKPOINT, weights_only=True)["progress"]["global_step"] == 6
+
+    assert glue.main(glue_args(roberta_folder, data, killed, "cola", *settings)) == 2  # no silent restart
+    assert glue.main(glue_args(roberta_folder, data, killed, "cola", *settings, "--resume", "--lr", "1e-3")) == 2
+    assert glue.main(glue_args(roberta_folder, data, killed, "cola", *settings, "--resume")) == 0
+    whole, resumed = read_results(tmp_path / "whole"), read_results(killed)
+    assert resumed["history"] == whole["history"] and resumed["best"] == whole["best"]
+    for folder in ("best", "last"):
+        a, b = (
+            load_file(tmp_path / "whole" / folder / "adapter.safetensors"),
+            load_file(killed / folder / "adapter.safetensors"),
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_glue_stops_on_a_nan_loss_and_keeps_the_last_good_checkpoint(tmp_path, roberta_folder, monkeypatch):
+    data = fx.write_glue(tmp_path / "glue", "cola", n_train=40, n_dev=16)
+    cross_entropy = torch.nn.functional.cross_entropy
+    calls = []
+
+    def nan_from_call_5(*args, **kwargs):
+        calls.append(1)
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 5 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_from_call_5)
+    out = tmp_path / "run"
+    assert glue.main(glue_args(roberta_folder, data, out, "cola", "--epochs", "2", "--checkpoint-steps", "2")) == 3
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    assert state["progress"]["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+def test_instruct_runner_trains_evaluates_and_reloads(tmp_path):
+    train, test, gsm = fx.colour_records(96, seed=0), fx.colour_records(16, seed=1), fx.number_records(4, seed=2)
+    model = fx.save_llama_folder(tmp_path / "model", train + test + gsm)
+    fx.write_json(tmp_path / "train.json", train)
+    fx.write_json(tmp_path / "eval" / "social_i_qa" / "test.json", test)
+    fx.write_json(tmp_path / "eval" / "gsm8k" / "test.json", gsm)
+    out = tmp_path / "run"
+    common = ["--model", str(model), "--output", str(out), "--eval-dir", str(tmp_path / "eval")]
+    common += ["--eval-sets", "social_i_qa", "gsm8k", "--max-new-tokens", "6", "--num-beams", "1"]
+    training = ["--data", str(tmp_path / "train.json"), "--lr", "2e-2", "--batch-size", "8", "--micro-batch-size", "4"]
+    training += ["--epochs", "8", "--warmup-steps", "2", "--cutoff-len", "64", "--val-size", "8"]
+    training += ["--neat", "targets=[q, k, v, up, down]", "--neat", "rank=4"]
+    assert instruct.main(common + training) == 0
+    results = read_results(out)
+    losses = [row["val_loss"] for row in results["history"]]
+    assert losses[-1] < 0.5 * losses[0] and results["train_examples"] == 88
+    rows = json.loads((out / "eval" / "social_i_qa.json").read_text())
+    assert len(rows) == 16 and all(row["prediction"] in ("answer1", "answer2") for row in rows)  # the format
+    assert results["eval"]["social_i_qa"]["accuracy"] >= 0.9  # and the colour -> answer rule (chance: 0.5)
+    assert results["eval"]["gsm8k"]["total"] == 4
+
+    again = tmp_path / "again"
+    reload = ["--model", str(model), "--output", str(again), "--eval-dir", str(tmp_path / "eval")]
+    reload += ["--eval-sets", "social_i_qa", "--max-new-tokens", "6", "--num-beams", "1"]
+    assert instruct.main([*reload, "--eval-only", "--adapter", str(out / "last")]) == 0
+    assert json.loads((again / "eval" / "social_i_qa.json").read_text()) == rows
+    assert instruct.main([*reload, "--eval-only"]) == 2  # needs --adapter
+    assert instruct.main([*reload, "--eval-sets", "mmlu", "--eval-only", "--adapter", str(out / "last")]) == 2
+
+
+@pytest.mark.parametrize("config", sorted((CONFIGS / "glue").glob("*.yaml")), ids=lambda p: p.stem)
+def test_glue_configs_hold_the_paper_settings(config):
+    args = parse_args(glue.build_parser(), ["--config", str(config)], required=("task", "lr", "batch_size", "epochs"))
+    neat = NeatConfig.coerce(args.neat)
+    small = config.stem.endswith("neat_s")
+    assert (neat.rank, neat.layers, neat.targets) == ((1, tuple(range(4, 12))) if small else (8, None)) + (("q", "v"),)
+    assert (args.max_length, args.warmup_ratio, args.seed, args.model) == (512, 0.06, 0, "roberta-base")
+    assert config.stem == f"{args.task}_neat_{'s' if small else 'l'}"
+    if config.stem == "cola_neat_s":  # Table 9
+        assert (args.lr, args.head_lr, neat.scale, args.batch_size) == (5e-3, 1e-3, 0.1, 64)
+    if config.stem == "qqp_neat_l":  # Table 8
+        assert (args.lr, args.head_lr, neat.scale, args.batch_size) == (5e-3, 5e-3, 0.01, 64)
+
+
+@pytest.mark.parametrize(("name", "rank", "epochs", "cutoff"), [("commonsense", 32, 1, 256), ("math", 64, 3, 2048)])
+def test_instruct_configs_hold_the_paper_settings(name, rank, epochs, cutoff):
+    args = parse_args(instruct.build_parser(), ["--config", str(CONFIGS / "instruct" / f"{name}.yaml")], required=())
+    neat = NeatConfig.coerce(args.neat)
+    assert (neat.rank, neat.scale, neat.targets) == (rank, 1.0, ("q", "k", "v", "up", "down"))
+    assert (args.lr, args.batch_size, args.warmup_steps, args.epochs, args.cutoff_len) == (
+        3e-4,
+        16,
+        100,
+        epochs,
+        cutoff,
+    )
+
+
+def test_unknown_config_keys_fail_with_the_allowed_names(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("task: cola\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse_args(glue.build_parser(), ["--config", str(config)], required=())
+    assert "unknown key(s) ['learning_rate']; allowed keys are" in capsys.readouterr().err
+    config.write_text("task: cola\ndtype: fp8\nepochs: 0\n")
+    with pytest.raises(SystemExit):
+        parse_args(glue.build_parser(), ["--config", str(config)], required=())
+    assert "dtype='fp8' is not allowed: one of fp32, bf16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(glue.build_parser(), ["--config", str(config), "--dtype", "bf16"], required=())
+    assert "--epochs=0 is not allowed: an integer >= 1" in capsys.readouterr().err
