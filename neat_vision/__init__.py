@@ -4,6 +4,7 @@
 model with NEAT tweakers injected, the base frozen, tweakers and head trainable.
 """
 
+from . import models  # noqa: E402,F401  registers the shipped fractal ViT in timm
 from .adapter import (
     AdapterMismatchError,
     adapted_layers,
@@ -21,8 +22,9 @@ from .adapter import (
     trainable_summary,
     unmerge,
 )
+from .baselines import FourierConfig, LoraConfig, rank_for_budget
 from .config import ConfigError, NeatConfig
-from .layers import AdaptedLinear
+from .layers import AdaptedLinear, batch_tweakers
 from .targets import TargetError, resolve_targets
 from .timm_hook import create_model, install, load_adapter
 from .tweaker import Tweaker, tweaker_param_count
@@ -35,12 +37,15 @@ __all__ = [
     "AdaptedLinear",
     "AdapterMismatchError",
     "ConfigError",
+    "FourierConfig",
+    "LoraConfig",
     "NeatConfig",
     "TargetError",
     "Tweaker",
     "adapted_layers",
     "apply_adapter",
     "apply_neat",
+    "batch_tweakers",
     "create_model",
     "delta_norms",
     "disable_neat",
@@ -50,6 +55,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "neat_parameters",
+    "rank_for_budget",
     "read_adapter_config",
     "resolve_targets",
     "save_adapter",

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import CONFIG_TYPES, NeatConfig
-from .layers import AdaptedLinear
+from .layers import AdaptedLinear, batch_tweakers
 from .targets import AliasTable, resolve_targets
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -94,6 +94,7 @@ def apply_adapter(
                 p.requires_grad_(True)
     model.neat_config = config
     model.register_load_state_dict_post_hook(_drop_missing_update_keys)
+    batch_tweakers(model)
     return model
 
 
@@ -141,6 +142,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every adapted layer by a plain ``nn.Linear`` holding ``W0 + dW``: the base architecture."""
+    batch_tweakers(model, enabled=False)
     for name, layer in adapted_layers(model).items():
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, layer.to_linear())

@@ -2,8 +2,10 @@
 
 Each update module (a NEAT `Tweaker`, or a LoRA/FourierFT update) owns its trainable tensors and
 implements ``delta_weight(w0) -> dW`` and, when its update is a product, ``factors(w0) -> (left, right)``
-with ``dW = left @ right``. A slice is a row range ``[start, stop)`` of the weight: the whole weight, or
-the ``q``/``k``/``v`` block of a fused ``qkv`` projection.
+with ``dW = left @ right``. An update with factors may also hold an ``input_dropout`` module (LoRA's
+dropout): in training the layer then feeds ``input_dropout(x)`` to that update only, on the factored path.
+A slice is a row range ``[start, stop)`` of the weight: the whole weight, or the ``q``/``k``/``v`` block of a
+fused ``qkv`` projection.
 
 The layer keeps the base ``weight`` and ``bias`` under their original names, so a plain checkpoint of
 the base model still loads into the adapted model.
@@ -11,12 +13,16 @@ the base model still loads into the adapted model.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .tweaker import ACTIVATIONS, Tweaker
 
 Slice = tuple[int, int]
 
@@ -27,57 +33,104 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _effective_weight(weight: Tensor, slices: Sequence[Slice], factors: Sequence[Tensor]) -> Tensor:
-    w = weight.clone()
-    for k, (start, stop) in enumerate(slices):
-        left, right = factors[2 * k], factors[2 * k + 1]
-        w[start:stop] += left @ right
-    return w
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
-class _FusedLinear(torch.autograd.Function):
-    """``y = x @ (W0 + dW).T + b`` as one matmul; the backward needs only skinny matmuls.
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off only where it is on (entering ``torch.autocast`` costs a few microseconds per call).
 
-    ``dW`` is cheap to build (``d_out x d_in``, no batch dimension); the tweaker gradients are
-    ``dL/dleft = g.T @ (x @ right.T)`` and ``dL/dright = (g @ left).T @ x`` and never form ``g.T @ x``.
+    Returns plain context managers that ``torch.compile`` traces without a graph break.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _bias_grad(g2: Tensor, bias: Tensor | None, needed: bool) -> Tensor | None:
+    return g2.sum(0).to(bias.dtype) if needed and bias is not None else None
+
+
+class _FactoredLinear(torch.autograd.Function):
+    """``y = x @ W0.T + b + (x @ right.T) @ left.T`` in the compute dtype, with a hand-written backward.
+
+    ``left (d_out, R)`` and ``right (R, d_in)`` come in the compute dtype. Against autograd through the
+    same ops it saves the casts of ``x`` (one instead of one per matmul), the separate addition of the
+    skinny product to ``y`` and of the two ``grad_x`` terms (both are ``addmm`` into the big matmul's
+    output), and it does not keep the compute-dtype copy of ``W0`` for the backward (recast there).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, slices: tuple, *factors: Tensor) -> Tensor:
-        dtype = _compute_dtype(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.to(dtype)
-            w = _effective_weight(weight, slices, factors).to(dtype)
-            y = F.linear(x, w, None if bias is None else bias.to(dtype))
-        ctx.slices = slices
-        ctx.dtype = dtype
-        ctx.bias_grad = bias is not None and bias.requires_grad
-        ctx.save_for_backward(x, weight, *factors)
-        return y
+    def forward(ctx, x, weight, bias, left, right, dtype):  # noqa: D102
+        x2 = _to(x, dtype).reshape(-1, x.shape[-1])
+        y = F.linear(x2, _to(weight, dtype), None if bias is None else _to(bias, dtype))
+        xr = x2 @ right.t()
+        y.addmm_(xr, left.t())
+        ctx.dtype, ctx.x_dtype, ctx.x_shape, ctx.has_bias = dtype, x.dtype, x.shape, bias is not None
+        ctx.save_for_backward(x2, weight, left, right, xr, bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        x, weight, *factors = ctx.saved_tensors
+    def backward(ctx, grad_y):  # noqa: D102
+        x2, weight, left, right, xr, bias = ctx.saved_tensors
         dtype = ctx.dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            grad_y = grad_y.to(dtype)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                w = _effective_weight(weight, ctx.slices, factors).to(dtype)
-                grad_x = grad_y @ w
-            x2 = x.reshape(-1, x.shape[-1])
-            g2 = grad_y.reshape(-1, grad_y.shape[-1])
-            grad_w = (g2.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
-            grad_b = g2.sum(0) if ctx.bias_grad else None
-            grad_factors = []
-            for k, (start, stop) in enumerate(ctx.slices):
-                left, right = factors[2 * k], factors[2 * k + 1]
-                g_slice = g2[:, start:stop]
-                x_right = x2 @ right.to(dtype).t()
-                grad_left = (g_slice.t() @ x_right).to(left.dtype)
-                grad_right = ((g_slice @ left.to(dtype)).t() @ x2).to(right.dtype)
-                grad_factors += [grad_left, grad_right]
-        return (grad_x, grad_w, grad_b, None, *grad_factors)
+        need_x, need_w, need_b, need_l, need_r = ctx.needs_input_grad[:5]
+        with _no_autocast(grad_y.device.type):
+            g2 = _to(grad_y, dtype).reshape(-1, grad_y.shape[-1])
+            gl = g2 @ left if need_x or need_r else None
+            grad_x = grad_w = grad_l = grad_r = None
+            if need_x:
+                grad_x = g2 @ _to(weight, dtype)
+                grad_x.addmm_(gl, right)
+                grad_x = _to(grad_x.view(ctx.x_shape), ctx.x_dtype)
+            if need_w:
+                grad_w = _to(g2.t() @ x2, weight.dtype)
+            if need_l:
+                grad_l = g2.t() @ xr
+            if need_r:
+                grad_r = gl.t() @ x2
+            grad_b = _bias_grad(g2, bias, need_b)
+        return grad_x, grad_w, grad_b, grad_l, grad_r, None
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``y = x @ (W0 + left @ right).T + b`` as one matmul; the backward needs only skinny matmuls.
+
+    ``W0 + dW`` is built in the factors' dtype (fp32) and cast once to the compute dtype (cheap:
+    ``d_out x d_in``, no batch dimension); it is rebuilt in the backward rather than kept. The tweaker
+    gradients are ``dL/dleft = g.T @ (x @ right.T)`` and ``dL/dright = (g @ left).T @ x``; ``g.T @ x`` is
+    never formed. Note: the forward sees ``dW`` rounded together with ``W0`` to the compute dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, left, right, dtype):  # noqa: D102
+        with _no_autocast(x.device.type):
+            x2 = _to(x, dtype).reshape(-1, x.shape[-1])
+            w = torch.addmm(_to(weight, left.dtype), left, right).to(dtype)
+            y = F.linear(x2, w, None if bias is None else _to(bias, dtype))
+        ctx.dtype, ctx.x_dtype, ctx.x_shape = dtype, x.dtype, x.shape
+        ctx.save_for_backward(x2, weight, left, right, bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):  # noqa: D102
+        x2, weight, left, right, bias = ctx.saved_tensors
+        dtype = ctx.dtype
+        need_x, need_w, need_b, need_l, need_r = ctx.needs_input_grad[:5]
+        with _no_autocast(grad_y.device.type):
+            g2 = _to(grad_y, dtype).reshape(-1, grad_y.shape[-1])
+            grad_x = grad_w = grad_l = grad_r = None
+            if need_x:
+                w = torch.addmm(_to(weight, left.dtype), left, right).to(dtype)
+                grad_x = _to((g2 @ w).view(ctx.x_shape), ctx.x_dtype)
+            if need_w:
+                grad_w = _to(g2.t() @ x2, weight.dtype)
+            if need_l:
+                grad_l = _to(g2.t() @ (x2 @ _to(right, dtype).t()), left.dtype)
+            if need_r:
+                grad_r = _to((g2 @ _to(left, dtype)).t() @ x2, right.dtype)
+            grad_b = _bias_grad(g2, bias, need_b)
+        return grad_x, grad_w, grad_b, grad_l, grad_r, None
 
 
 class AdaptedLinear(nn.Module):
@@ -104,6 +157,9 @@ class AdaptedLinear(nn.Module):
             if not 0 <= start < stop <= self.out_features:
                 raise ValueError(f"slice [{start}, {stop}) is outside the {self.out_features} output rows")
         self.updates = nn.ModuleList(make_update(stop - start, self.in_features) for start, stop in self.slices)
+        for update in self.updates:
+            if getattr(update, "input_dropout", None) is not None and not hasattr(update, "factors"):
+                raise ValueError(f"{type(update).__name__} has input_dropout but no factors(): dropout needs factors")
         self.path = path
         self.merged = False
         self.disabled = False
@@ -111,6 +167,7 @@ class AdaptedLinear(nn.Module):
         device, dtype = base.weight.device, base.weight.dtype
         if dtype.is_floating_point:
             self.updates.to(device=device)
+        self.train(base.training)  # an adapter applied to a model in eval mode must not bring dropout
 
     @property
     def base_weight(self) -> Tensor:
@@ -139,20 +196,82 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
             return F.linear(x, self.weight, self.bias)
+        dropouts = [getattr(u, "input_dropout", None) for u in self.updates] if self.training else []
+        if any(d is not None for d in dropouts):
+            return self._forward_dropout(x, dropouts)
         path = self.path
-        factors = None if path == "dense" else self._factors(self.weight)
-        if factors is None:
-            return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)
+        pending = self.__dict__.get("_pending")
+        if pending is not None:  # factors from the model's batched pass (see `batch_tweakers`)
+            self.__dict__["_pending"] = None
+            left, right = pending
+        else:
+            factors = None if path == "dense" else self._factors(self.weight)
+            if factors is None:
+                return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)
+            left, right = self._stack(factors)
+        dtype = _compute_dtype(x)
         if path == "fused":
-            return _FusedLinear.apply(x, self.weight, self.bias, self.slices, *factors)
+            return _FusedLinear.apply(x, self.weight, self.bias, left, right, dtype)
+        weight, bias = self._cast_base(dtype)
+        return _FactoredLinear.apply(x, weight, bias, _to(left, dtype), _to(right, dtype), dtype)
+
+    def _cast_base(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """``W0`` and ``b`` in the compute dtype, cast once and kept while they are frozen and unchanged.
+
+        Autocast casts a frozen weight again on every forward (its cast cache holds only tensors that
+        require grad); the copy kept here is the one autocast would hold for the backward anyway, so the
+        training peak does not grow. Any in-place change of ``W0`` (load, merge, ``copy_``) bumps its
+        version and the copy is rebuilt.
+        """
+        weight, bias = self.weight, self.bias
+        if weight.dtype == dtype or weight.requires_grad or (bias is not None and bias.requires_grad):
+            return weight, bias
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+            return weight, bias  # compiled: the graph casts; an inference-mode copy cannot be saved for backward
+        key = (weight._version, weight.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()), dtype)
+        cached = self.__dict__.get("_base_cast")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, weight.to(dtype), None if bias is None else bias.to(dtype))
+            self.__dict__["_base_cast"] = cached
+        return cached[1], cached[2]
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_base_cast", None)
+        state.pop("_pending", None)
+        return state
+
+    def _forward_dropout(self, x: Tensor, dropouts: list[nn.Module | None]) -> Tensor:
+        """Training with input dropout (LoRA's): each update reads ``dropout(x)``; factored, plain autograd."""
+        factors = self._factors(self.weight)
         left, right = self._stack(factors)
         dtype = _compute_dtype(x)
-        y = F.linear(x, self.weight, self.bias)
-        x_right = x.to(dtype) @ right.to(dtype).t()
-        y2 = torch.addmm(
-            y.reshape(-1, self.out_features).to(dtype), x_right.reshape(-1, right.shape[0]), left.to(dtype).t()
+        x_right = torch.cat(
+            [(x if d is None else d(x)).to(dtype) @ r.to(dtype).t() for d, r in zip(dropouts, factors[1::2])], dim=-1
         )
-        return y2.view(*y.shape)
+        return F.linear(x, self.weight, self.bias).to(dtype) + x_right @ left.to(dtype).t()
+
+    def _batch_key(self) -> tuple | None:
+        """What must agree for layers to share one batched tweaker pass (``None``: not batchable)."""
+        if self.merged or self.disabled or self.path == "dense" or not self.updates:
+            return None
+        first = self.updates[0]
+        if not all(type(u) is Tweaker for u in self.updates):
+            return None
+        sizes = {stop - start for start, stop in self.slices}
+        if len(sizes) != 1:
+            return None
+        device = self.weight.device
+        if self.path == "fused" or not torch.is_autocast_enabled(device.type):
+            dtype = first.A.dtype
+        else:
+            dtype = torch.get_autocast_dtype(device.type)
+        return (
+            self.path, device, first.A.dtype, dtype, self.slices, self.in_features, self.out_features,
+            first.rank, first.depth, first.act, first.scale, first.axis,
+        )  # fmt: skip
 
     def _stack(self, factors: list[Tensor]) -> tuple[Tensor, Tensor]:
         """One ``(d_out, R)`` left and ``(R, d_in)`` right for all slices (``R`` = sum of ranks)."""
@@ -211,3 +330,122 @@ class AdaptedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"slices={list(self.slices)}, path={self.path}, merged={self.merged}"
         )
+
+
+# ---- one batched tweaker pass per forward ----------------------------------------------------------
+
+
+def _batched_factors(layers: Sequence[AdaptedLinear], key: tuple) -> tuple[Tensor, Tensor]:
+    """Stacked ``left (L, d_out, S*r)`` and ``right (L, S*r, d_in)`` of ``L`` same-keyed layers.
+
+    The same function as each layer's `Tweaker.factors` followed by `AdaptedLinear._stack`, but every op
+    after the first matmul (which reads each layer's own ``W0`` slice) runs once for all ``G = L*S``
+    tweakers: ``act``, the ``r x r`` encoders/decoders as one ``bmm`` each, the scale, the padding into the
+    stacked layout and the cast to the compute dtype. The hidden state is kept transposed, ``H.T`` of
+    shape ``(G, r, d)``: then every weight gradient comes out contiguous (no copy per parameter when
+    autograd accumulates it) and, for ``axis="out"``, ``H.T`` already is the stacked ``right``.
+    """
+    _, device, _, dtype, slices, in_features, out_features, rank, _, act_name, scale, axis = key
+    act = ACTIVATIONS[act_name]
+    ups = [u for layer in layers for u in layer.updates]
+    n_layers, n_slices = len(layers), len(slices)
+    with _no_autocast(device.type):
+        pre = []
+        for layer in layers:
+            w0 = layer.weight
+            for (start, stop), u in zip(layer.slices, layer.updates):
+                m = w0 if (start, stop) == (0, out_features) else w0[start:stop]
+                m = _to(m, u.A.dtype)
+                pre.append(u.A @ (m if axis == "out" else m.t()))  # H.T before act: (r, d_in) / (r, d_slice)
+        ht = act(torch.stack(pre))
+        residuals = []
+        for j in range(len(ups[0].encoders)):
+            residuals.append(ht)
+            ht = act(torch.bmm(torch.stack([u.encoders[j].weight for u in ups]), ht))
+        for j in range(len(ups[0].decoders)):
+            ht = act(torch.bmm(torch.stack([u.decoders[j].weight for u in ups]), ht)) + residuals.pop()
+        b = torch.stack([u.B for u in ups])  # (G, width, r)
+        if scale != 1.0:
+            b = b * scale
+        if axis == "out":  # left pieces s*B (G, d_slice, r); right = H.T stacked
+            pieces_left = b
+            right = _to(ht.view(n_layers, n_slices * rank, in_features), dtype)
+        else:  # left pieces H (G, d_slice, r); right = s*B.T stacked
+            pieces_left = ht.transpose(1, 2)
+            right = b.view(n_layers, n_slices, in_features, rank).transpose(2, 3)
+            right = (
+                right.contiguous() if right.dtype == dtype else right.to(dtype, memory_format=torch.contiguous_format)
+            )
+            right = right.view(n_layers, -1, in_features)
+        if n_slices == 1 and slices[0] == (0, out_features):
+            left = _to(pieces_left, dtype)
+        else:
+            left = pieces_left.new_zeros((n_layers, out_features, n_slices * rank), dtype=dtype)
+            pieces_left = pieces_left.reshape(n_layers, n_slices, -1, rank)
+            for k, (start, stop) in enumerate(slices):
+                left[:, start:stop, k * rank : (k + 1) * rank] = pieces_left[:, k]
+    return left, right
+
+
+class TweakerBatcher:
+    """Forward hooks on a model: one batched tweaker pass per forward for all same-shaped layers.
+
+    Before the model's forward it computes the factors of every batchable adapted layer (`_batch_key`)
+    in one pass per group and leaves them with each layer, which uses them once; after the forward
+    (also when it raises) whatever was not used is dropped, so no factors outlive the forward that
+    made them. A layer called outside the model's forward, or twice in one, computes its own factors.
+    Under ``torch.compile`` the hook stands aside (the compiler fuses the per-layer ops itself).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._scan()
+
+    def _scan(self) -> None:
+        self.entries = []  # (parent, attribute, layer): checked each forward, rescanned if replaced
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdaptedLinear):
+                parent_name, _, attr = name.rpartition(".")
+                self.entries.append((self.model.get_submodule(parent_name), attr, module))
+
+    def layers(self) -> list[AdaptedLinear]:
+        if any(parent._modules.get(attr) is not layer for parent, attr, layer in self.entries):
+            self._scan()
+        return [layer for _, _, layer in self.entries]
+
+    def pre_hook(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        groups: dict[tuple, list[AdaptedLinear]] = {}
+        for layer in self.layers():
+            key = layer._batch_key()
+            if key is not None:
+                groups.setdefault(key, []).append(layer)
+        for key, members in groups.items():
+            left, right = _batched_factors(members, key)
+            for layer, lft, rgt in zip(members, left.unbind(0), right.unbind(0)):
+                layer.__dict__["_pending"] = (lft, rgt)
+
+    def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        for _, _, layer in self.entries:
+            layer.__dict__["_pending"] = None
+
+
+def batch_tweakers(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Compute all tweakers of ``model`` in one batched pass per forward (idempotent; ``enabled=False`` undoes).
+
+    Same function and gradients as the per-layer computation; it saves the per-layer tweaker ops,
+    which dominate the step of small batches (per-op launch overhead). Used by ``model(x)`` only, not by
+    calls of its submodules (those compute per layer).
+    """
+    handles = model.__dict__.pop("_neat_batcher_handles", None)
+    if handles is not None:
+        for handle in handles:
+            handle.remove()
+    if enabled:
+        batcher = TweakerBatcher(model)
+        model.__dict__["_neat_batcher_handles"] = (
+            model.register_forward_pre_hook(batcher.pre_hook),
+            model.register_forward_hook(batcher.post_hook, always_call=True),
+        )
+    return model

@@ -119,11 +119,14 @@ class Tweaker(nn.Module):
         Computed in the tweaker's own dtype with autocast off: the tweaker is tiny and its input ``W0``
         is fixed, so low precision here buys nothing and costs accuracy (``sin(2*pi*x)`` in bf16).
         """
-        with torch.autocast(device_type=w0.device.type, enabled=False):
-            h = self.hidden(w0)
-            if self.axis == "out":
-                return self.scale * self.B, h.t()
-            return h, self.scale * self.B.t()
+        if torch.is_autocast_enabled(w0.device.type):
+            with torch.autocast(device_type=w0.device.type, enabled=False):
+                return self.factors(w0)
+        h = self.hidden(w0)
+        b = self.B if self.scale == 1.0 else self.scale * self.B
+        if self.axis == "out":
+            return b, h.t()
+        return h, b.t()
 
     def delta_weight(self, w0: Tensor) -> Tensor:
         """The dense update ``dW``, shape of ``w0``."""

@@ -153,12 +153,8 @@ def write_stanford_cars(root: Path) -> Fixture:
     test_classes = [1, 2, 3] * 2
     _cars_annotations(base / "devkit" / "cars_train_annos.mat", train_classes)
     _cars_annotations(base / "cars_test_annos_withlabels.mat", test_classes)
-    files = [
-        write_image(base / "cars_train" / f"{i:05d}.jpg", seed=i) for i in range(1, len(train_classes) + 1)
-    ]
-    files += [
-        write_image(base / "cars_test" / f"{i:05d}.jpg", seed=50 + i) for i in range(1, len(test_classes) + 1)
-    ]
+    files = [write_image(base / "cars_train" / f"{i:05d}.jpg", seed=i) for i in range(1, len(train_classes) + 1)]
+    files += [write_image(base / "cars_test" / f"{i:05d}.jpg", seed=50 + i) for i in range(1, len(test_classes) + 1)]
     return Fixture(root, num_classes=3, pool=12, test=6, files=files)
 
 

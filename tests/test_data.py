@@ -436,6 +436,4 @@ def test_distributed_loader_uses_distributed_sampler(tmp_path) -> None:
     finally:
         dist.destroy_process_group()
     with pytest.raises(RuntimeError, match="process group"):
-        build_loader(
-            data, build_transforms(CONFIG, train=True), 4, train=True, num_workers=0, distributed=True
-        )
+        build_loader(data, build_transforms(CONFIG, train=True), 4, train=True, num_workers=0, distributed=True)

@@ -86,9 +86,7 @@ def test_categories_contractive_and_normalised(categories: FractalCategories) ->
     assert (norms[real] > 0).all()
     # Instance jitter keeps maps contractive: the spectral norm is convex in eps, so its maximum over the
     # jitter box is at one of the 16 sign vertices.
-    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=4)), dtype=torch.float64).reshape(
-        16, 1, 1, 2, 2
-    )
+    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=4)), dtype=torch.float64).reshape(16, 1, 1, 2, 2)
     jittered = matrices[None] * (1 + categories.jitter * signs)
     assert (torch.linalg.matrix_norm(jittered, ord=2) < 1).all()
     assert torch.allclose(categories.probs.sum(-1), torch.ones(NUM_CLASSES))
@@ -144,8 +142,7 @@ def test_min_fill_rejects_sparse_systems() -> None:
     ids = torch.arange(6)
     occupancy = {
         min_fill: (
-            render_fractals(FractalCategories(6, SEED, min_fill=min_fill), ids, ids, img_size=32, margin=0.0)
-            > 0
+            render_fractals(FractalCategories(6, SEED, min_fill=min_fill), ids, ids, img_size=32, margin=0.0) > 0
         )
         .float()
         .mean()

@@ -14,7 +14,14 @@ from neat_vision.data.datasets import (
     read_rgb,
     register_dataset,
 )
-from neat_vision.data.loader import SyntheticImages, TransformedDataset, build_loader, seed_worker
+from neat_vision.data.loader import (
+    EpochSampler,
+    SyntheticImages,
+    TransformedDataset,
+    build_loader,
+    sample_seed,
+    seed_worker,
+)
 from neat_vision.data.splits import (
     DTD_RULE,
     OFFICIAL_TEST_VAL10,
@@ -36,6 +43,7 @@ __all__ = [
     "CorruptImageError",
     "DatasetEntry",
     "DatasetNotFoundError",
+    "EpochSampler",
     "FileImageDataset",
     "ImageDataset",
     "ImageTransform",
@@ -51,6 +59,7 @@ __all__ = [
     "holdout_size",
     "read_rgb",
     "register_dataset",
+    "sample_seed",
     "seed_worker",
     "stratified_holdout",
 ]

@@ -59,6 +59,7 @@ __all__ = ["VAL_INSTANCE_OFFSET", "FractalCategories", "FractalDataset", "render
 
 MAX_MAPS = 4
 VAL_INSTANCE_OFFSET = 1 << 30
+TEST_INSTANCE_SHIFT = 1 << 29  # FractalBatches' test instances: after val's
 _FILL_CHECK_SIZE = 32
 _MAX_ROUNDS = 1000
 _MASK32 = 0xFFFFFFFF
@@ -248,9 +249,7 @@ class FractalCategories:
             for k in pending:
                 systems[k] = _sample_system(rngs[k], max_singular_value)
         else:
-            raise RuntimeError(
-                f"{len(pending)} categories still fail min_fill={min_fill} after {_MAX_ROUNDS} draws"
-            )
+            raise RuntimeError(f"{len(pending)} categories still fail min_fill={min_fill} after {_MAX_ROUNDS} draws")
         self.params, self.probs, self.num_maps = _stack_systems(systems, min_prob)
         self.thresholds = _thresholds(self.probs, self.num_maps)
 
@@ -290,9 +289,7 @@ def render_fractals(
             f"{tuple(class_ids.shape)} and {tuple(instance_ids.shape)}"
         )
     if class_ids.dtype.is_floating_point or instance_ids.dtype.is_floating_point:
-        raise ValueError(
-            f"class_ids/instance_ids must be integer, got {class_ids.dtype}/{instance_ids.dtype}"
-        )
+        raise ValueError(f"class_ids/instance_ids must be integer, got {class_ids.dtype}/{instance_ids.dtype}")
     if img_size < 2:
         raise ValueError(f"img_size must be >= 2, got {img_size}")
     if num_points < 1 or iterations < 1 or num_points * iterations >= 1 << 31:
@@ -355,9 +352,7 @@ class FractalDataset(Dataset):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if not 1 <= instances_per_class <= VAL_INSTANCE_OFFSET:
-            raise ValueError(
-                f"instances_per_class must be in [1, {VAL_INSTANCE_OFFSET}], got {instances_per_class}"
-            )
+            raise ValueError(f"instances_per_class must be in [1, {VAL_INSTANCE_OFFSET}], got {instances_per_class}")
         self.categories = FractalCategories(num_classes, seed)
         self.instances_per_class = instances_per_class
         self.img_size = img_size
@@ -386,3 +381,73 @@ class FractalDataset(Dataset):
         )
         pixels = (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
         return pixels.numpy(), label
+
+
+class FractalBatches:
+    """Normalised batches rendered on the fly on ``device`` (the GPU path for pre-training).
+
+    An epoch is ``steps`` batches of ``batch_size`` (class, instance) pairs drawn uniformly from
+    ``num_classes x instances_per_class``; batch ``(epoch, step)`` is a pure function of ``seed``, so a
+    resumed run sees the same batches. The ``val`` and ``test`` splits draw new instances of the same
+    categories (instance indices from ``VAL_INSTANCE_OFFSET``, test's shifted by ``TEST_INSTANCE_SHIFT``)
+    and are the same every epoch. Yields
+    ``(images (B, 3, S, S) float32 normalised by mean/std, labels (B,) int64)`` on ``device``.
+    """
+
+    def __init__(
+        self,
+        categories: FractalCategories,
+        batch_size: int,
+        steps: int,
+        img_size: int,
+        *,
+        instances_per_class: int,
+        seed: int = 0,
+        split: str = "train",
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        num_points: int = 256,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split={split!r} is not allowed: 'train', 'val' or 'test'")
+        if batch_size < 1 or steps < 1 or instances_per_class < 1:
+            raise ValueError(
+                f"batch_size={batch_size}, steps={steps}, instances_per_class={instances_per_class}: all must be >= 1"
+            )
+        self.categories = categories.to(device)
+        self.batch_size, self.steps, self.img_size = batch_size, steps, img_size
+        self.instances_per_class, self.seed, self.split = instances_per_class, seed, split
+        self.num_points = num_points
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.epoch = 0
+        self.start = 0
+        self.sampler = self  # the engine positions loaders through ``loader.sampler.set_epoch``
+
+    @property
+    def num_classes(self) -> int:
+        return self.categories.num_classes
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Position at ``epoch``; iteration starts after ``start`` samples (a resumed epoch)."""
+        self.epoch, self.start = epoch, start // self.batch_size
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """Batch ``step`` of the current epoch."""
+        epoch = self.epoch if self.split == "train" else 0
+        gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + step) % (1 << 63))
+        labels = torch.randint(self.num_classes, (self.batch_size,), generator=gen)
+        instances = torch.randint(self.instances_per_class, (self.batch_size,), generator=gen)
+        if self.split != "train":
+            instances += VAL_INSTANCE_OFFSET + (TEST_INSTANCE_SHIFT if self.split == "test" else 0)
+        images = render_fractals(self.categories, labels, instances, img_size=self.img_size, num_points=self.num_points)
+        return (images - self.mean) / self.std, labels.to(self.device)
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            yield self.batch(step)

@@ -10,7 +10,7 @@ workers never share augmentation streams and a run is repeatable for a fixed ``s
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-__all__ = ["SyntheticImages", "TransformedDataset", "build_loader", "seed_worker"]
+__all__ = ["EpochSampler", "SyntheticImages", "TransformedDataset", "build_loader", "sample_seed", "seed_worker"]
 
 
 class TransformedDataset(Dataset):
@@ -31,8 +31,12 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, label = self.dataset[index]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        """``key`` is an index, or ``(index, seed)`` to reseed the transform for this sample first."""
+        if isinstance(key, tuple):
+            key, seed = key
+            self.reseed(seed)
+        image, label = self.dataset[key]
         return self.transform(image), int(label)
 
     def reseed(self, seed: int) -> None:
@@ -52,6 +56,59 @@ def seed_worker(worker_id: int) -> None:
         info.dataset.reseed(seed)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of sample ``index`` in ``epoch`` of a run seeded with ``seed``."""
+    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1)[0])
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` yielding ``(index, sample_seed(seed, epoch, index))`` keys, resumable mid-epoch.
+
+    Shuffling is ``DistributedSampler``'s (a permutation seeded by ``seed + epoch``); it works without a
+    process group (``num_replicas=1, rank=0``). ``set_epoch(epoch, start)`` also skips the first ``start``
+    items of this rank's share, without loading them. ``pad=False`` (no shuffling) gives unpadded strided
+    shards ``rank::num_replicas``, so every sample is seen exactly once across ranks (exact evaluation).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        pad: bool = True,
+    ) -> None:
+        if shuffle and not pad:
+            raise ValueError("pad=False (exact strided shards) is for evaluation and needs shuffle=False")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.pad = pad
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select ``epoch``'s order and seeds, starting at item ``start`` of this rank's share."""
+        if not 0 <= start <= self._share_len():
+            raise ValueError(f"start must be in [0, {self._share_len()}], got {start}")
+        super().set_epoch(epoch)
+        self.start = start
+
+    def _share_len(self) -> int:
+        return self.num_samples if self.pad else len(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self._share_len() - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.pad:
+            share = list(super().__iter__())
+        else:
+            share = list(range(self.rank, len(self.dataset), self.num_replicas))
+        for index in share[self.start :]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
 def build_loader(
     dataset: Dataset,
     transform: Callable[[np.ndarray], Any],
@@ -63,6 +120,7 @@ def build_loader(
     seed: int = 0,
     drop_last: bool | None = None,
     pin_memory: bool | None = None,
+    resumable: bool = False,
 ) -> DataLoader:
     """DataLoader over ``dataset`` with ``transform`` applied in the workers.
 
@@ -71,6 +129,9 @@ def build_loader(
     for training; the caller must call ``loader.sampler.set_epoch(epoch)`` each epoch. Without
     ``drop_last`` the sampler pads the shards to equal length by repeating samples, as
     ``DistributedSampler`` does. ``pin_memory`` defaults to ``torch.cuda.is_available()``.
+
+    ``resumable=True`` uses an ``EpochSampler`` (with or without a process group; see the module docstring):
+    call ``loader.sampler.set_epoch(epoch, start)`` before each epoch. Its eval loaders are not padded.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -79,12 +140,17 @@ def build_loader(
     drop_last = train if drop_last is None else drop_last
     pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
     wrapped = TransformedDataset(dataset, transform)
-    rank = 0
-    sampler = None
+    rank, world = 0, 1
     if distributed:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
-        rank = dist.get_rank()
+        rank, world = dist.get_rank(), dist.get_world_size()
+    sampler = None
+    if resumable:
+        sampler = EpochSampler(
+            wrapped, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=drop_last, pad=train
+        )
+    elif distributed:
         sampler = DistributedSampler(wrapped, shuffle=train, seed=seed, drop_last=drop_last)
     generator = torch.Generator()
     generator.manual_seed(seed + rank)
@@ -111,9 +177,7 @@ class SyntheticImages(Dataset):
     its label is ``i % num_classes``.
     """
 
-    def __init__(
-        self, num_samples: int, num_classes: int, size: int | tuple[int, int] = 224, seed: int = 0
-    ) -> None:
+    def __init__(self, num_samples: int, num_classes: int, size: int | tuple[int, int] = 224, seed: int = 0) -> None:
         if num_samples < 1 or num_classes < 1:
             raise ValueError(f"num_samples and num_classes must be >= 1, got {num_samples}, {num_classes}")
         self.num_samples = num_samples

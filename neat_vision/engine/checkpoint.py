@@ -1,0 +1,155 @@
+"""Small resumable checkpoints, written atomically.
+
+A checkpoint is a dict saved with ``torch.save`` and read back with ``torch.load(weights_only=True)``:
+
+* ``model``: the trainable tensors by parameter name (the whole state dict with ``--save-full``);
+* ``optimizer``, ``scheduler``, ``scaler`` (or ``None``): their ``state_dict()``;
+* ``rng``: per rank, the python, numpy, torch and CUDA generator states;
+* ``progress``: ``epoch`` (in progress, 0-based), ``batch`` (next batch of that epoch), ``step`` (optimizer
+  steps done), the partial epoch's loss sums, best validation top-1 and its epoch, last validation metrics,
+  elapsed wall time;
+* ``args``: the run's resolved options, checked against the resuming run's.
+
+Files are written to a temporary name in the same folder and moved with ``os.replace``, so a kill never
+leaves a truncated ``last.pth``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "RUN_CONTROL_OPTIONS",
+    "CheckpointMismatchError",
+    "atomic_write",
+    "check_resumable",
+    "load_checkpoint",
+    "load_model_state",
+    "model_state",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+# options that may change between a run and its resumption (they do not change what is computed)
+RUN_CONTROL_OPTIONS = frozenset(
+    {
+        "resume",
+        "output",
+        "experiment",
+        "workers",
+        "device",
+        "log_interval",
+        "tb",
+        "checkpoint_interval",
+        "stop_after_steps",
+        "compile",
+        "dry_run",
+        "data_dir",
+        "download",
+        "save_full",
+        "pretrained_file",
+    }
+)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not belong to the run that tries to resume from it."""
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_name)`` for a temporary file next to ``path``, then move it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states (numpy's as tensors, so ``weights_only`` loading accepts them)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "gauss": (has_gauss, cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    numpy = state["numpy"]
+    has_gauss, cached = numpy["gauss"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_state(model: nn.Module, full: bool = False) -> dict[str, torch.Tensor]:
+    """The trainable tensors by name (``full``: the whole state dict), on the CPU."""
+    if full:
+        return {n: t.detach().cpu() for n, t in model.state_dict().items()}
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load ``model_state`` output; every trainable parameter must be in it."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(tensors))
+    if missing:
+        raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trainable tensor(s), e.g. {missing[:3]}")
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointMismatchError(f"checkpoint has tensors this model lacks, e.g. {result.unexpected_keys[:3]}")
+
+
+def check_resumable(saved: dict[str, Any], args: argparse.Namespace) -> None:
+    """Fail naming every option (outside ``RUN_CONTROL_OPTIONS``) whose value differs from the checkpoint's."""
+    current = vars(args)
+    keys = (set(saved) | set(current)) - RUN_CONTROL_OPTIONS - {"config"}
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+        for k in sorted(keys)
+        if saved.get(k) != current.get(k)
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            "cannot resume: options differ from the checkpoint's (resume with the run's args.yaml as --config): "
+            + "; ".join(diffs)
+        )
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, copy_to: Path | None = None) -> None:
+    """Write ``state`` atomically to ``path`` (and, when ``copy_to`` is given, an identical copy there)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    if copy_to is not None:
+        atomic_write(copy_to, lambda tmp: shutil.copyfile(path, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (tensors and plain Python values only)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={str(path)!r}: no such checkpoint file")
+    return torch.load(path, map_location="cpu", weights_only=True)

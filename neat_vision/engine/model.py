@@ -1,0 +1,175 @@
+"""Build the timm model and make its trainable set for a method; check adapted layers; export the result.
+
+Methods plug in at one place, ``build_adapter``: ``neat`` (tweakers + head), ``linear`` (head only), ``full``
+(everything), and the methods of ``neat_vision.baselines`` (an optional module, imported when present): it
+registers their config classes in ``neat_vision.config.CONFIG_TYPES``, its ``add_method_args(parser)`` adds
+their options and its ``method_config(args, model)`` returns the config that ``apply_adapter`` applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import ModuleType
+
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from neat_vision.adapter import adapted_layers, apply_adapter, disable_neat, save_adapter
+from neat_vision.config import CONFIG_TYPES, ConfigError, NeatConfig
+
+__all__ = [
+    "BUILTIN_METHODS",
+    "UnreachedLayerError",
+    "add_method_args",
+    "build_adapter",
+    "build_model",
+    "check_layers_reached",
+    "export_trained",
+    "method_choices",
+    "neat_config",
+]
+
+BUILTIN_METHODS = ("neat", "linear", "full")
+
+
+class UnreachedLayerError(RuntimeError):
+    """An adapted layer is never called by the model's forward, so its update would not train."""
+
+
+def _baselines() -> ModuleType | None:
+    try:
+        from neat_vision import baselines
+    except ModuleNotFoundError as err:
+        if err.name != "neat_vision.baselines":
+            raise
+        return None
+    return baselines
+
+
+def method_choices() -> list[str]:
+    """Built-in methods, then those registered by ``neat_vision.baselines`` (when present)."""
+    _baselines()
+    return [*BUILTIN_METHODS, *(m for m in CONFIG_TYPES if m not in BUILTIN_METHODS)]
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """Let ``neat_vision.baselines`` (when present) add its methods' options."""
+    module = _baselines()
+    if module is not None:
+        module.add_method_args(parser)
+
+
+def neat_config(args: argparse.Namespace) -> NeatConfig:
+    """The ``NeatConfig`` of the ``neat_*`` options (errors name the option)."""
+    try:
+        return NeatConfig(
+            targets=args.neat_targets,
+            rank=args.neat_rank,
+            depth=args.neat_depth,
+            act=args.neat_act,
+            scale=args.neat_scale,
+            axis=args.neat_axis,
+            layers=args.neat_layers,
+            path=args.neat_path,
+        )
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("NeatConfig.", "neat_")) from err
+
+
+def build_model(args: argparse.Namespace, num_classes: int, *, meta: bool = False) -> nn.Module:
+    """The plain timm model: pretrained weights (hub or ``pretrained_file``) unless ``meta`` (dry runs)."""
+    kwargs = {**args.model_kwargs, "num_classes": num_classes}
+    if meta:
+        with torch.device("meta"):
+            return timm.create_model(args.model, pretrained=False, **kwargs)
+    if args.pretrained_file is not None:
+        file = Path(args.pretrained_file).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"pretrained_file={args.pretrained_file!r}: no such file")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(file)}
+    return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+
+
+def build_adapter(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """Make ``model``'s trainable set for ``args.method`` in place and return it (methods plug in here).
+
+    With ``neat_vision.baselines`` present, its ``method_config(args, model)`` gives the adapter config of
+    every method (``None`` for ``linear`` and ``full``); without it, NEAT's comes from ``neat_config``.
+    """
+    module = _baselines()
+    if module is not None:
+        config = module.method_config(args, model)
+    elif args.method in BUILTIN_METHODS:
+        config = neat_config(args) if args.method == "neat" else None
+    else:
+        raise ValueError(f"method={args.method!r} is not allowed: one of {', '.join(method_choices())}")
+    if config is not None:
+        return apply_adapter(model, config)
+    model.requires_grad_(args.method == "full")
+    model.get_classifier().requires_grad_(True)
+    return model
+
+
+@torch.no_grad()
+def check_layers_reached(model: nn.Module, input_size: tuple[int, int, int], device: torch.device | str) -> None:
+    """Run one forward and fail naming every adapted layer the forward never calls.
+
+    Some timm families (EVA, BEiT with separate q/v biases) read ``qkv.weight`` directly and bypass the
+    module; their updates would silently stay at zero. The check runs with the updates disabled (the base
+    forward), so it also works on the meta device.
+    """
+    layers = adapted_layers(model)
+    if not layers:
+        return
+    called: set[str] = set()
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, inputs, name=name: called.add(name))
+        for name, layer in layers.items()
+    ]
+    was_training = model.training
+    try:
+        with disable_neat(model):
+            model.eval()(torch.zeros(1, *input_size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    missed = [name for name in layers if name not in called]
+    if missed:
+        raise UnreachedLayerError(
+            f"{len(missed)} of {len(layers)} adapted layers are never called by {type(model).__name__}.forward "
+            f"(e.g. {', '.join(missed[:4])}): this model reads their weights directly, so the updates would not "
+            "train. Pick other targets (e.g. proj, fc1, fc2) or another model family."
+        )
+
+
+def export_trained(model: nn.Module, args: argparse.Namespace, folder: Path) -> Path:
+    """Write what the run trained to ``folder``: the adapter (``save_adapter``) for adapter methods.
+
+    ``linear`` writes ``head.safetensors`` (the head; the backbone is the pretrained one) and ``full`` writes
+    ``model.safetensors`` (the whole state dict, loadable with ``timm.create_model(..., checkpoint_path=)``),
+    each with an ``export.json`` naming the model, method and classes.
+    """
+    if args.method not in ("linear", "full"):
+        return save_adapter(model, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.method == "linear":
+        file = "head.safetensors"
+        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        file = "model.safetensors"
+        tensors = model.state_dict()
+    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(folder / file))
+    meta = {
+        "method": args.method,
+        "model": args.model,
+        "model_kwargs": args.model_kwargs,
+        "num_classes": getattr(model, "num_classes", None),
+        "file": file,
+    }
+    (folder / "export.json").write_text(json.dumps(meta, indent=2))
+    return folder

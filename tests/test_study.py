@@ -1,0 +1,216 @@
+"""The study runner end to end with a stand-in training script, and its validation."""
+
+import csv
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neat_vision.study import StudyError, load_study, main, write_point_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# honours train.py's study interface: --config (with base: chains), --output, --experiment, --resume auto
+FAKE_TRAIN = textwrap.dedent(
+    """
+    import argparse, json, os, sys
+    from pathlib import Path
+    import yaml
+
+    def read(path):
+        data = yaml.safe_load(path.read_text()) or {}
+        base = data.pop("base", None)
+        return {**read(path.parent / base), **data} if base else data
+
+    p = argparse.ArgumentParser()
+    for opt in ("--config", "--output", "--experiment", "--resume"):
+        p.add_argument(opt)
+    args = p.parse_args()
+    cfg = read(Path(args.config))
+    run = Path(args.output) / args.experiment
+    with open(Path(args.output) / "invocations.txt", "a") as f:
+        f.write(f"{args.experiment} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}\\n")
+    if (run / "final.json").exists():
+        sys.exit(0)
+    run.mkdir(parents=True, exist_ok=True)
+    resumed = (run / "partial").exists()
+    if os.environ.get("FAKE_CRASH") == args.experiment and not resumed:
+        (run / "partial").write_text("interrupted")
+        sys.exit(3)
+    acc = 50 + 3 * cfg["neat_depth"] + (5 if cfg["neat_act"] == "sin" else 0) + cfg["seed"] + 1000 * cfg["lr_neat"]
+    final = dict(val_top1=acc - 1, best_val_top1=acc, test_top1=acc - 2, trainable_params=100 * cfg["neat_rank"],
+                 neat_params=90 * cfg["neat_rank"], wall_time_s=1.5, resumed=resumed)
+    (run / "final.json").write_text(json.dumps(final))
+    """
+)
+
+
+def write_study(tmp_path, **changes):
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    (tmp_path / "configs").mkdir(exist_ok=True)
+    (tmp_path / "configs" / "base.yaml").write_text("neat_rank: 3\nneat_act: relu\nlr_neat: 0.005\n")
+    study = dict(
+        base_config="base.yaml",
+        overrides=dict(neat_rank=2),
+        grid=dict(neat_depth=[2, 4], neat_act=["relu", {"neat_act": "sin", "lr_neat": 0.001}]),
+        seeds=[0, 1],
+        output=str(tmp_path / "out"),
+        train_command=[sys.executable, str(tmp_path / "fake_train.py")],
+    )
+    study.update(changes)
+    path = tmp_path / "configs" / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def invocations(tmp_path):
+    file = tmp_path / "out" / "invocations.txt"
+    return file.read_text().split("\n")[:-1] if file.exists() else []
+
+
+def test_study_end_to_end_resumes_and_skips(tmp_path, monkeypatch, capsys):
+    path = write_study(tmp_path)
+    crash = "neat_depth=4__neat_act=sin__seed=1"
+    monkeypatch.setenv("FAKE_CRASH", crash)
+    assert main(["--config", str(path)]) == 1  # one run interrupted, the other seven finished
+    out = capsys.readouterr().out
+    assert "8 runs, 0 finished, 8 to run one after another" in out and "ETA" in out and f"{crash} FAILED" in out
+    assert len(invocations(tmp_path)) == 8
+
+    monkeypatch.delenv("FAKE_CRASH")
+    assert main(["--config", str(path)]) == 0
+    assert "8 runs, 7 finished, 1 to run" in capsys.readouterr().out
+    assert invocations(tmp_path)[8:] == [f"{crash} -"]  # only the interrupted run, which resumed
+    out_dir = tmp_path / "out"
+    assert yaml.safe_load((out_dir / crash / "final.json").read_text())["resumed"] is True
+
+    rows = list(csv.DictReader(open(out_dir / "results.csv")))
+    assert len(rows) == 8
+    assert list(rows[0])[:5] == ["run", "neat_depth", "neat_act", "lr_neat", "seed"]
+    by_run = {r["run"]: r for r in rows}
+    sin4 = by_run["neat_depth=4__neat_act=sin__seed=0"]
+    assert (sin4["lr_neat"], sin4["trainable_params"], sin4["best_val_top1"]) == ("0.001", "200", "68.0")
+    assert by_run["neat_depth=2__neat_act=relu__seed=1"]["lr_neat"] == ""  # the base config's value
+
+    table = (out_dir / "results.md").read_text()
+    assert "| neat_depth | neat_act | seeds | trainable params | best val top-1 | test top-1 | time |" in table
+    assert "| 4 | sin | 2 | 200 | 68.50 ± 0.71 | 66.50 ± 0.71 | 0m02s |" in table
+    for axis in ("neat_depth", "neat_act"):
+        assert (out_dir / f"plot_{axis}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = [d for d in (out_dir / "tb_hparams").iterdir() if d.is_dir()]
+    assert len(runs) == 8 and all(any(f.name.startswith("events.out") for f in d.iterdir()) for d in runs)
+
+    assert main(["--config", str(path)]) == 0  # everything finished: nothing runs
+    assert "8 runs, 8 finished, 0 to run" in capsys.readouterr().out
+    assert len(invocations(tmp_path)) == 9
+    (out_dir / "results.md").unlink()
+    assert main(["--config", str(path), "--report-only"]) == 0
+    assert "| 2 | relu | 2 | 200 |" in capsys.readouterr().out and (out_dir / "results.md").is_file()
+
+
+def test_runs_spread_over_gpus(tmp_path, capsys):
+    path = write_study(tmp_path, gpus=[0, 1], grid=dict(neat_depth=[2, 4, 6], neat_act=["relu"]))
+    assert main(["--config", str(path)]) == 0
+    devices = [line.split()[1] for line in invocations(tmp_path)]
+    assert len(devices) == 6 and set(devices) == {"0", "1"}
+    assert "on GPU 0" in capsys.readouterr().out
+    assert len(list(csv.DictReader(open(tmp_path / "out" / "results.csv")))) == 6
+
+
+def test_point_configs_inherit_the_base(tmp_path):
+    study = load_study(write_study(tmp_path), output=str(tmp_path / "elsewhere"))
+    points = study.points()
+    assert [p.name for p in points][:3] == [
+        "neat_depth=2__neat_act=relu__seed=0",
+        "neat_depth=2__neat_act=relu__seed=1",
+        "neat_depth=2__neat_act=sin__seed=0",
+    ]
+    config = write_point_config(study, points[-1])
+    data = yaml.safe_load(config.read_text())
+    assert (config.parent / data.pop("base")).resolve() == tmp_path / "configs" / "base.yaml"
+    assert data == dict(neat_rank=2, neat_depth=4, neat_act="sin", lr_neat=0.001, seed=1)
+
+
+def test_base_config_template_and_axis(tmp_path):
+    grid = dict(base_config=["a/cars.yaml", "a/pets.yaml"], neat_act=["relu", "sin"])
+    study = load_study(write_study(tmp_path, base_config=None, grid=grid))
+    assert [(p.labels["base_config"], p.base.name) for p in study.points()][::4] == [("cars", "cars.yaml")] * 1 + [
+        ("pets", "pets.yaml")
+    ]
+    grid = dict(dataset=["cars", "pets"], neat_act=["relu", "sin"])
+    study = load_study(write_study(tmp_path, base_config="{neat_act}/{dataset}.yaml", grid=grid))
+    bases = [p.base.relative_to(tmp_path / "configs").as_posix() for p in study.points()[::2]]
+    assert bases == ["relu/cars.yaml", "sin/cars.yaml", "relu/pets.yaml", "sin/pets.yaml"]
+    assert "base_config" not in study.run_options(study.points()[0])
+    with pytest.raises(StudyError, match=r"base_config='\{model\}.yaml' names an option this point does not set"):
+        load_study(write_study(tmp_path, base_config="{model}.yaml")).points()
+
+
+def test_dry_run_runs_nothing(tmp_path, capsys):
+    assert main(["--config", str(write_study(tmp_path)), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("--experiment neat_depth=") == 8 and not invocations(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(sweep={}), r"unknown study key\(s\) \['sweep'\]: allowed keys are base_config, overrides"),
+        (dict(overrides=dict(seed=3)), r"study overrides.seed=3 is not allowed: options other than seed"),
+        (dict(grid=dict(neat_depth=[])), r"study grid.neat_depth=\[\] is not allowed: a non-empty list"),
+        (dict(grid=dict(a=["x", {"a": "x", "lr_neat": 1}])), r"two grid points are both named 'a=x'"),
+        (dict(seeds=[0, "1"]), r"study seeds=\[0, '1'\] is not allowed: an integer or a non-empty list"),
+        (dict(gpus="all"), r"study gpus='all' is not allowed: a list of device ids"),
+        (dict(base_config=3), r"study file.base_config=3 is not allowed: a path to a training config"),
+        (dict(base_config=None), r"has no base_config"),
+    ],
+)
+def test_study_errors_name_key_value_allowed(tmp_path, changes, match):
+    with pytest.raises(StudyError, match=match):
+        load_study(write_study(tmp_path, **changes)).points()
+
+
+def test_shipped_study_configs_load():
+    files = sorted((REPO / "configs" / "studies").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"depth", "activation", "targets", "rank", "demo_depth", "demo_activation"}
+    for file in files:
+        study = load_study(file, train_command="true")
+        points = study.points()
+        assert points and all(p.options.get("base_config", study.overrides.get("base_config")) for p in points)
+
+
+@pytest.mark.skipif(not (REPO / "train.py").is_file(), reason="the training engine (train.py) is not here")
+def test_study_with_the_real_engine(tmp_path, capsys):
+    """LoRA and FourierFT through train.py on the digits data (tiny ViT, two steps), then a rerun that skips."""
+    base = dict(
+        model="vit_tiny_patch16_224",
+        pretrained=False,
+        model_kwargs=dict(img_size=32, patch_size=8, depth=2),
+        dataset="digits",
+        img_size=32,
+        epochs=1,
+        batch_size=32,
+        workers=0,
+        limit_train_batches=2,
+        limit_eval_batches=1,
+    )
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study = dict(
+        base_config="base.yaml",
+        overrides=dict(lora_rank=2, fourier_n=40),
+        grid=dict(method=["lora", "fourierft"]),
+        output=str(tmp_path / "out"),
+    )
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    assert main(["--config", str(tmp_path / "study.yaml")]) == 0
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    assert rows["lora"]["trainable_params"] == str(2 * 2 * 2 * (192 + 192) + 192 * 10 + 10)
+    assert rows["fourierft"]["trainable_params"] == str(2 * 2 * 40 + 192 * 10 + 10)
+    assert all(0 <= float(r["test_top1"]) <= 100 for r in rows.values())
+    assert (tmp_path / "out" / "plot_method.png").is_file() and (
+        tmp_path / "out" / "method=lora__seed=0" / "tb"
+    ).is_dir()
+    capsys.readouterr()
+    assert main(["--config", str(tmp_path / "study.yaml")]) == 0
+    assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out
