@@ -11,5 +11,5 @@ for n in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_6
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" --platform manylinux2014_x86_64 -d .whl \
   albumentations==2.0.8 albucore==0.0.24 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
-  typing-inspection==0.4.5 stringzilla==5.3.2 simsimd==6.5.16
+  typing-inspection==0.4.5 stringzilla==5.3.2 simsimd==6.5.16 mlxtend==0.25.0
 ls -la .whl
