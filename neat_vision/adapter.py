@@ -245,7 +245,9 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
     return {"class": type(model).__name__}
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_name)`` for a temporary file next to ``path``, then move it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -276,8 +278,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "fingerprint": fingerprint(model),
         "tensors": sorted(tensors),
     }
-    _atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _atomic_write(folder / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write(folder / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return folder
 
 

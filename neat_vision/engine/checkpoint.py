@@ -17,18 +17,16 @@ leaves a truncated ``last.pth``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import random
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from neat_vision.adapter import atomic_write
 
 __all__ = [
     "RUN_CONTROL_OPTIONS",
@@ -67,20 +65,6 @@ RUN_CONTROL_OPTIONS = frozenset(
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint does not belong to the run that tries to resume from it."""
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_name)`` for a temporary file next to ``path``, then move it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def rng_state() -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from ..adapter import _atomic_write, neat_parameters, save_adapter
+from ..adapter import atomic_write, neat_parameters, save_adapter
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "neat-vision-nlp-checkpoint"
@@ -105,7 +105,7 @@ def _write_summary(path: Path, history: Sequence[dict[str, float]]) -> None:
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(history)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue()))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue()))
 
 
 class TrainLoop:
@@ -165,7 +165,7 @@ class TrainLoop:
             "progress": asdict(self.progress),
         }
         self.out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self) -> None:
         """Restore the state of ``out/checkpoint.pt``; it must come from the same ``run_config``."""
