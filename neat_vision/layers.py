@@ -394,7 +394,9 @@ class TweakerBatcher:
     in one pass per group and leaves them with each layer, which uses them once; after the forward
     (also when it raises) whatever was not used is dropped, so no factors outlive the forward that
     made them. A layer called outside the model's forward, or twice in one, computes its own factors.
-    Under ``torch.compile`` the hook stands aside (the compiler fuses the per-layer ops itself).
+    Under ``torch.compile`` the hook stands aside (the compiler fuses the per-layer ops itself), and so it
+    does while activation checkpointing is on (timm's ``set_grad_checkpointing``, Hugging Face's
+    ``gradient_checkpointing_enable``): a recomputed layer must repeat its own forward ops.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -403,6 +405,10 @@ class TweakerBatcher:
 
     def _scan(self) -> None:
         self.entries = []  # (parent, attribute, layer): checked each forward, rescanned if replaced
+        # modules carrying timm's (grad_checkpointing) or Hugging Face's (gradient_checkpointing) switch
+        self.checkpointing_flags = [
+            m for m in self.model.modules() if hasattr(m, "grad_checkpointing") or hasattr(m, "gradient_checkpointing")
+        ]
         for name, module in self.model.named_modules():
             if isinstance(module, AdaptedLinear):
                 parent_name, _, attr = name.rpartition(".")
@@ -413,8 +419,15 @@ class TweakerBatcher:
             self._scan()
         return [layer for _, _, layer in self.entries]
 
+    def _checkpointing(self) -> bool:
+        """Activation checkpointing recomputes layers after the forward, without the batched factors."""
+        return any(
+            getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
+            for m in self.checkpointing_flags
+        )
+
     def pre_hook(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self._checkpointing():
             return
         groups: dict[tuple, list[AdaptedLinear]] = {}
         for layer in self.layers():

@@ -441,3 +441,16 @@ def test_apply_neat_on_existing_model():
         warnings.simplefilter("error")
         neat_vision.apply_neat(model, NeatConfig(targets=["q", "v"], rank=2))
     assert len(adapted_layers(model)) == 2 and trainable_summary(model)["head"] == 192 * 5 + 5
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = build("vit", neat=dict(targets=["q", "v"], rank=3, depth=4))
+        for _, p in neat_parameters(model):
+            torch.nn.init.normal_(p, std=0.1)
+        model.set_grad_checkpointing(checkpointing)
+        model(images("vit")).square().sum().backward()
+        grads.append([p.grad.clone() for _, p in neat_parameters(model)])
+    for with_ckpt, without in zip(grads[1], grads[0]):
+        torch.testing.assert_close(with_ckpt, without, rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ from neat_vision.engine.optim import LinearWarmupDecay, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs of other tools (study runner, GLUE and instruction-tuning scripts) live in these folders
-OTHER_TOOLS = {"studies", "glue", "instruct"}
+OTHER_TOOLS = {"studies", "glue", "instruct", "offline_compare"}
 CONFIGS = sorted(
     p for p in (ROOT / "configs").rglob("*.yaml") if not OTHER_TOOLS & set(p.relative_to(ROOT / "configs").parts)
 )

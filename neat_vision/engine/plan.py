@@ -90,7 +90,14 @@ def dry_run(args: argparse.Namespace) -> dict[str, Any]:
     The model is built on the meta device (no weights, no memory), every adapted layer is checked to be
     reached, sizes come from ``dataset_info`` and one synthetic image goes through each transform.
     """
-    info = dataset_info(args.dataset) if args.dataset is not None else {"num_classes": None, "split_sizes": None}
+    if args.dataset == "fractal":  # rendered on the fly (engine/data.py): sizes are per epoch
+        evaluation = args.fractal_eval_batches * args.batch_size
+        sizes = {"train": args.fractal_steps * args.batch_size, "val": evaluation, "test": evaluation}
+        info = {"num_classes": args.fractal_classes, "split_sizes": sizes}
+    elif args.dataset is not None:
+        info = dataset_info(args.dataset)
+    else:
+        info = {"num_classes": None, "split_sizes": None}
     num_classes = args.num_classes or info["num_classes"]
     if num_classes is None:
         num_classes = 10
