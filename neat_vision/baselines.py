@@ -14,10 +14,9 @@ merging and adapter files with NEAT. Linear probing and full fine-tuning have no
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import _head_names, apply_adapter
-from .config import CONFIG_TYPES, PATHS, ConfigError, NeatConfig
+from .config import CONFIG_TYPES, PATHS, ConfigError, ConfigMethods, NeatConfig
 from .targets import resolve_targets
 from .tweaker import tweaker_param_count
 
@@ -47,7 +46,7 @@ def _is_number(value: Any) -> bool:
 
 
 @dataclass(kw_only=True)
-class _UpdateConfig:
+class _UpdateConfig(ConfigMethods):
     """Fields every update method shares with `NeatConfig`: what to adapt and what else trains."""
 
     targets: str | Sequence[str] = ("q", "v")
@@ -81,27 +80,6 @@ class _UpdateConfig:
         self.trainable = tuple(self.trainable)
         if self.path not in PATHS:
             _fail(self, "path", self.path, f"one of {', '.join(PATHS)}")
-
-    @classmethod
-    def coerce(cls, value: Any) -> Any:
-        """Return ``value`` as this config class (a mapping's unknown keys fail with the allowed names)."""
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{cls.method}={value!r} is not allowed: a {cls.__name__} or a dict of its fields")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}: allowed fields are {', '.join(names)}")
-        return cls(**value)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict of the fields (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    def replace(self, **changes: Any) -> Any:
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
 
 
 class LoraUpdate(nn.Module):

@@ -24,8 +24,35 @@ def _fail(field_name: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"NeatConfig.{field_name}={value!r} is not allowed: {allowed}")
 
 
+class ConfigMethods:
+    """What every method's config dataclass offers: ``coerce`` from a dict, ``to_dict``, ``replace``."""
+
+    method: ClassVar[str]
+
+    @classmethod
+    def coerce(cls, value: Any) -> Any:
+        """Return ``value`` as this config class (a mapping's unknown keys fail with the allowed names)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{cls.method}={value!r} is not allowed: a {cls.__name__} or a dict of its fields")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}: allowed fields are {', '.join(names)}")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict of the fields (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> Any:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
-class NeatConfig:
+class NeatConfig(ConfigMethods):
     """Configuration of NEAT tweakers.
 
     Args:
@@ -95,34 +122,9 @@ class NeatConfig:
         if self.path not in PATHS:
             _fail("path", self.path, f"one of {', '.join(PATHS)}")
 
-    @classmethod
-    def coerce(cls, value: NeatConfig | Mapping[str, Any]) -> NeatConfig:
-        """Return ``value`` as a ``NeatConfig`` (a mapping's unknown keys fail with the allowed names)."""
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"neat={value!r} is not allowed: a NeatConfig or a dict of its fields")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown NeatConfig field(s) {unknown}: allowed fields are {', '.join(names)}")
-        return cls(**value)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict of the fields (tuples become lists)."""
-        out = dataclasses.asdict(self)
-        for key, val in out.items():
-            if isinstance(val, tuple):
-                out[key] = list(val)
-        return out
-
     def make_update(self, out_features: int, in_features: int) -> nn.Module:
         """The update module for one ``(out_features, in_features)`` weight block: a `Tweaker`."""
         return Tweaker(out_features, in_features, self.rank, self.depth, self.act, self.scale, self.axis)
-
-    def replace(self, **changes: Any) -> NeatConfig:
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
 
 
 # method name -> config class; other methods (LoRA, FourierFT) register here and share the machinery
