@@ -94,7 +94,6 @@ def apply_adapter(
                 p.requires_grad_(True)
     model.neat_config = config
     model.register_load_state_dict_post_hook(_drop_missing_update_keys)
-    batch_tweakers(model)
     return model
 
 
@@ -103,24 +102,37 @@ def apply_neat(model: nn.Module, config: NeatConfig | Mapping[str, Any], **kwarg
     return apply_adapter(model, NeatConfig.coerce(config), **kwargs)
 
 
-def neat_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` of every update tensor (tweakers, or another method's updates)."""
+def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every update tensor (NEAT tweakers, or another method's updates)."""
     for name, layer in adapted_layers(model).items():
         for key, p in layer.updates.named_parameters():
             yield f"{name}.updates.{key}", p
 
 
+def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Every update tensor (NEAT tweakers, or another method's updates), like ``model.parameters()``."""
+    for _, p in named_adapter_parameters(model):
+        yield p
+
+
+neat_parameters = named_adapter_parameters  # the name before other methods shared the machinery
+
+
 def trainable_summary(model: nn.Module) -> dict[str, Any]:
-    """Parameter counts: ``neat`` (updates), ``head``, ``other`` trainable, ``trainable``, ``total``."""
-    update_ids = {id(p) for _, p in neat_parameters(model)}
+    """Parameter counts: ``adapter`` (updates), ``head``, ``other`` trainable, ``trainable``, ``total``.
+
+    ``neat`` is kept as an alias of ``adapter`` (the update count of whatever method is applied).
+    """
+    update_ids = {id(p) for p in adapter_parameters(model)}
     head_ids = {id(p) for n in _head_names(model) for p in model.get_submodule(n).parameters()}
-    counts = {"neat": 0, "head": 0, "other": 0, "trainable": 0, "total": 0}
+    counts = {"adapter": 0, "head": 0, "other": 0, "trainable": 0, "total": 0}
     for p in model.parameters():
         counts["total"] += p.numel()
         if p.requires_grad:
             counts["trainable"] += p.numel()
-            kind = "neat" if id(p) in update_ids else "head" if id(p) in head_ids else "other"
+            kind = "adapter" if id(p) in update_ids else "head" if id(p) in head_ids else "other"
             counts[kind] += p.numel()
+    counts["neat"] = counts["adapter"]
     counts["trainable_percent"] = 100.0 * counts["trainable"] / max(counts["total"], 1)
     counts["adapted_layers"] = len(adapted_layers(model))
     return counts
@@ -156,7 +168,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def disable_neat(model: nn.Module) -> Iterator[nn.Module]:
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes its base function; merged layers are restored after."""
     layers = adapted_layers(model).values()
     was_merged = [layer.merged for layer in layers]
@@ -171,6 +183,9 @@ def disable_neat(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = False
             if merged:
                 layer.merge()
+
+
+disable_neat = disable_adapter  # the name before other methods shared the machinery
 
 
 def set_path(model: nn.Module, path: str) -> nn.Module:
@@ -273,7 +288,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "format": FORMAT,
         "version": 1,
         "method": config.method,
-        "config": config.to_dict(),
+        "config": config.identity_dict(),
         "base": describe_base(model),
         "fingerprint": fingerprint(model),
         "tensors": sorted(tensors),

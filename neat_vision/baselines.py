@@ -53,7 +53,7 @@ class _UpdateConfig(ConfigMethods):
     layers: Sequence[int] | None = None
     train_head: bool = True
     trainable: Sequence[str] = field(default_factory=tuple)
-    path: str = "factored"
+    path: str = field(default="factored", compare=False)  # a runtime setting, not part of the identity
 
     method: ClassVar[str]
 

@@ -46,6 +46,11 @@ class ConfigMethods:
         """A JSON-friendly dict of the fields (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def identity_dict(self) -> dict[str, Any]:
+        """`to_dict` without the runtime settings (``compare=False`` fields such as ``path``): what an adapter is."""
+        runtime = {f.name for f in dataclasses.fields(self) if not f.compare}
+        return {k: v for k, v in self.to_dict().items() if k not in runtime}
+
     def replace(self, **changes: Any) -> Any:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
@@ -83,7 +88,7 @@ class NeatConfig(ConfigMethods):
     layers: Sequence[int] | None = None
     train_head: bool = True
     trainable: Sequence[str] = field(default_factory=tuple)
-    path: str = "factored"
+    path: str = field(default="factored", compare=False)  # a runtime setting, not part of the identity
 
     method: ClassVar[str] = "neat"
 

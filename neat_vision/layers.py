@@ -47,6 +47,11 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _is_local_full(weight: Tensor, shape: tuple[int, int]) -> bool:
+    """Whether ``weight`` is a plain local tensor of its full shape (not a DTensor, shard or ZeRO-3 stub)."""
+    return type(weight) in (nn.Parameter, Tensor) and tuple(weight.shape) == shape and not hasattr(weight, "ds_id")
+
+
 def _bias_grad(g2: Tensor, bias: Tensor | None, needed: bool) -> Tensor | None:
     return g2.sum(0).to(bias.dtype) if needed and bias is not None else None
 
@@ -201,10 +206,18 @@ class AdaptedLinear(nn.Module):
             return self._forward_dropout(x, dropouts)
         path = self.path
         pending = self.__dict__.get("_pending")
-        if pending is not None:  # factors from the model's batched pass (see `batch_tweakers`)
+        if pending is not None:  # factors from the opt-in batched pass (see `batch_tweakers`)
             self.__dict__["_pending"] = None
+            self.__dict__["_used_pending"] = True
             left, right = pending
         else:
+            if self.__dict__.get("_used_pending") and not torch.compiler.is_compiling():
+                if torch._C._current_graph_task_id() != -1:
+                    raise RuntimeError(
+                        "batch_tweakers is on, but an adapted layer is recomputed in the backward pass (activation "
+                        "checkpointing the batcher cannot see): call neat_vision.batch_tweakers(model, enabled=False)"
+                    )
+                self.__dict__["_used_pending"] = False
             factors = None if path == "dense" else self._factors(self.weight)
             if factors is None:
                 return F.linear(x, self.weight + self.delta_weight().to(self.weight.dtype), self.bias)
@@ -212,35 +225,13 @@ class AdaptedLinear(nn.Module):
         dtype = _compute_dtype(x)
         if path == "fused":
             return _FusedLinear.apply(x, self.weight, self.bias, left, right, dtype)
-        weight, bias = self._cast_base(dtype)
-        return _FactoredLinear.apply(x, weight, bias, _to(left, dtype), _to(right, dtype), dtype)
-
-    def _cast_base(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """``W0`` and ``b`` in the compute dtype, cast once and kept while they are frozen and unchanged.
-
-        Autocast casts a frozen weight again on every forward (its cast cache holds only tensors that
-        require grad); the copy kept here is the one autocast would hold for the backward anyway, so the
-        training peak does not grow. Any in-place change of ``W0`` (load, merge, ``copy_``) bumps its
-        version and the copy is rebuilt.
-        """
-        weight, bias = self.weight, self.bias
-        if weight.dtype == dtype or weight.requires_grad or (bias is not None and bias.requires_grad):
-            return weight, bias
-        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
-            return weight, bias  # compiled: the graph casts; an inference-mode copy cannot be saved for backward
-        key = (weight._version, weight.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()), dtype)
-        cached = self.__dict__.get("_base_cast")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, weight.to(dtype), None if bias is None else bias.to(dtype))
-            self.__dict__["_base_cast"] = cached
-        return cached[1], cached[2]
+        return _FactoredLinear.apply(x, self.weight, self.bias, _to(left, dtype), _to(right, dtype), dtype)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state = dict(state)
-        state.pop("_base_cast", None)
         state.pop("_pending", None)
+        state.pop("_used_pending", None)
         return state
 
     def _forward_dropout(self, x: Tensor, dropouts: list[nn.Module | None]) -> Tensor:
@@ -257,6 +248,8 @@ class AdaptedLinear(nn.Module):
         """What must agree for layers to share one batched tweaker pass (``None``: not batchable)."""
         if self.merged or self.disabled or self.path == "dense" or not self.updates:
             return None
+        if not _is_local_full(self.weight, (self.out_features, self.in_features)):
+            return None  # sharded (FSDP, DeepSpeed ZeRO-3): only the layer's own forward sees the gathered W0
         first = self.updates[0]
         if not all(type(u) is Tweaker for u in self.updates):
             return None
@@ -388,15 +381,18 @@ def _batched_factors(layers: Sequence[AdaptedLinear], key: tuple) -> tuple[Tenso
 
 
 class TweakerBatcher:
-    """Forward hooks on a model: one batched tweaker pass per forward for all same-shaped layers.
+    """Forward hooks on a model: one batched tweaker pass per forward for all same-shaped layers (opt-in).
 
     Before the model's forward it computes the factors of every batchable adapted layer (`_batch_key`)
     in one pass per group and leaves them with each layer, which uses them once; after the forward
     (also when it raises) whatever was not used is dropped, so no factors outlive the forward that
     made them. A layer called outside the model's forward, or twice in one, computes its own factors.
-    Under ``torch.compile`` the hook stands aside (the compiler fuses the per-layer ops itself), and so it
-    does while activation checkpointing is on (timm's ``set_grad_checkpointing``, Hugging Face's
-    ``gradient_checkpointing_enable``): a recomputed layer must repeat its own forward ops.
+    It stands aside (every layer computes its own factors, the same function) under ``torch.compile``
+    (the compiler fuses the per-layer ops itself), for layers whose weight is sharded (FSDP1, FSDP2,
+    DeepSpeed ZeRO-3: only the layer's own forward sees the gathered ``W0``), and while activation
+    checkpointing is on (timm's ``set_grad_checkpointing``, Hugging Face's ``gradient_checkpointing_enable``,
+    torch's ``checkpoint_wrapper``): a recomputed layer must repeat its own forward ops. Checkpointing it
+    cannot see (``torch.utils.checkpoint`` inside a forward) is refused with an error at the recompute.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -409,6 +405,8 @@ class TweakerBatcher:
         self.checkpointing_flags = [
             m for m in self.model.modules() if hasattr(m, "grad_checkpointing") or hasattr(m, "gradient_checkpointing")
         ]
+        # torch's checkpoint_wrapper (and wrappers like it) recompute their module in the backward
+        self.checkpoint_wrapped = any("Checkpoint" in type(m).__name__ for m in self.model.modules())
         for name, module in self.model.named_modules():
             if isinstance(module, AdaptedLinear):
                 parent_name, _, attr = name.rpartition(".")
@@ -421,7 +419,7 @@ class TweakerBatcher:
 
     def _checkpointing(self) -> bool:
         """Activation checkpointing recomputes layers after the forward, without the batched factors."""
-        return any(
+        return self.checkpoint_wrapped or any(
             getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
             for m in self.checkpointing_flags
         )
@@ -445,11 +443,12 @@ class TweakerBatcher:
 
 
 def batch_tweakers(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Compute all tweakers of ``model`` in one batched pass per forward (idempotent; ``enabled=False`` undoes).
+    """Opt in: compute all tweakers of ``model`` in one batched pass per forward (idempotent; ``enabled=False`` undoes).
 
     Same function and gradients as the per-layer computation; it saves the per-layer tweaker ops,
     which dominate the step of small batches (per-op launch overhead). Used by ``model(x)`` only, not by
-    calls of its submodules (those compute per layer).
+    calls of its submodules (those compute per layer). Off by default: the adapted layer alone is a plain
+    module whose forward reads only its own parameters and input. `TweakerBatcher` says where it stands aside.
     """
     handles = model.__dict__.pop("_neat_batcher_handles", None)
     if handles is not None:

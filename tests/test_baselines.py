@@ -123,6 +123,7 @@ def test_save_load_round_trip(config, tmp_path):
     assert neat_vision.read_adapter_config(folder)["method"] == config.method
     fresh = neat_vision.load_adapter(build().eval(), folder)
     assert fresh.neat_config == config
+    neat_vision.set_path(fresh, config.path)  # a runtime setting: the same path gives the same bits
     x = images(seed=5)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)

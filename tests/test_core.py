@@ -191,11 +191,25 @@ def test_save_load_round_trip(case, tmp_path):
     assert set(meta["tensors"]) == {n for n, p in model.named_parameters() if p.requires_grad}
     fresh = build(key).eval()  # same seed: same base weights, untrained head
     load_adapter(fresh, folder)
+    assert "path" not in meta["config"]  # the forward path is a runtime setting, not part of the adapter
+    neat_vision.set_path(fresh, cfg.get("path", "factored"))  # the same path computes bit for bit the same
     x = images(key, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
     for name, p in fresh.get_classifier().named_parameters():
         assert torch.equal(p, dict(model.get_classifier().named_parameters())[name])
+
+
+def test_forward_path_is_not_part_of_the_adapter(tmp_path):
+    """An adapter trained on one path loads onto a model adapted with another path (it keeps its path)."""
+    model = train_steps(build("vit", neat=dict(targets=["q", "v"], rank=3)), images("vit"))
+    folder = save_adapter(model, tmp_path / "adapter")
+    fused = build("vit", neat=dict(targets=["q", "v"], rank=3, path="fused")).eval()
+    load_adapter(fused, folder)
+    assert {layer.path for layer in adapted_layers(fused).values()} == {"fused"}
+    x = images("vit", seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_base_refused(tmp_path):

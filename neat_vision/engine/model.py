@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from neat_vision.adapter import adapted_layers, apply_adapter, disable_neat, save_adapter
+from neat_vision.adapter import adapted_layers, apply_adapter, disable_adapter, save_adapter
 from neat_vision.config import CONFIG_TYPES, ConfigError, NeatConfig
+from neat_vision.layers import batch_tweakers
 
 __all__ = [
     "BUILTIN_METHODS",
@@ -108,7 +109,9 @@ def build_adapter(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     else:
         raise ValueError(f"method={args.method!r} is not allowed: one of {', '.join(method_choices())}")
     if config is not None:
-        return apply_adapter(model, config)
+        # train.py runs the model eagerly, under DDP or compiled: the batched tweaker pass is correct in
+        # each (it stands aside under compile, checkpointing and sharding); library users opt in themselves
+        return batch_tweakers(apply_adapter(model, config))
     model.requires_grad_(args.method == "full")
     model.get_classifier().requires_grad_(True)
     return model
@@ -132,7 +135,7 @@ def check_layers_reached(model: nn.Module, input_size: tuple[int, int, int], dev
     ]
     was_training = model.training
     try:
-        with disable_neat(model):
+        with disable_adapter(model):
             model.eval()(torch.zeros(1, *input_size, device=device))
     finally:
         for hook in hooks:

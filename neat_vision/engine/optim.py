@@ -8,7 +8,7 @@ from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from neat_vision.adapter import neat_parameters
+from neat_vision.adapter import adapter_parameters
 
 __all__ = ["LinearWarmupDecay", "build_optimizer", "build_scheduler", "param_groups"]
 
@@ -20,7 +20,7 @@ def param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict]:
     ``weight_decay_head``); ``backbone``: any other trainable weight, e.g. with ``--method full``
     (``lr_backbone``, default ``lr_neat``; ``weight_decay``). Empty groups are left out.
     """
-    update_ids = {id(p) for _, p in neat_parameters(model)}
+    update_ids = {id(p) for p in adapter_parameters(model)}
     head_ids = {id(p) for p in model.get_classifier().parameters()}
     members: dict[str, list[nn.Parameter]] = {"neat": [], "head": [], "backbone": []}
     for p in model.parameters():
