@@ -161,6 +161,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for attr in ("neat_config",):
         if hasattr(model, attr):
             delattr(model, attr)
+    config = getattr(model, "config", None)  # an integration's record of the adapter in the model's own config
+    if config is not None and hasattr(config, "neat_adapter"):
+        delattr(config, "neat_adapter")
     hooks = model._load_state_dict_post_hooks
     for key in [k for k, h in hooks.items() if h is _drop_missing_update_keys]:
         del hooks[key]

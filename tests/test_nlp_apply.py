@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,30 @@ def test_hf_trainer_trains_only_the_tweakers_and_head(tmp_path):
     Trainer(model=model, args=args, train_dataset=data).train()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert all(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
+
+
+def test_trainer_save_model_reloads_with_from_pretrained_and_plain_loading_warns(tmp_path):
+    from neat_vision.nlp import from_pretrained
+
+    model = apply_neat(roberta(), NeatConfig(rank=2, depth=4, act="sin"))
+    randomise_updates(model)
+    with torch.no_grad():  # a trained head too
+        model.classifier.out_proj.bias.add_(0.5)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args).save_model(str(tmp_path / "saved"))
+    reloaded = from_pretrained(tmp_path / "saved").eval()
+    assert type(reloaded) is RobertaForSequenceClassification and reloaded.neat_config == model.neat_config
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids()).logits, model(ids()).logits, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match=r"does not load: this is the base model.*neat_vision\.nlp\.from_pretrained"):
+        plain = RobertaForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert not adapted_layers(plain)
+    merge_and_unload(reloaded).save_pretrained(tmp_path / "merged")  # the record goes with the adapter
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        RobertaForSequenceClassification.from_pretrained(tmp_path / "merged")
+    with pytest.raises(AdapterMismatchError, match="holds no neat-vision adapter"):
+        from_pretrained(tmp_path / "merged")
 
 
 def test_roberta_base_parameter_counts_match_the_paper_budgets():

@@ -10,7 +10,7 @@ try:
 except ImportError as err:
     raise ImportError('neat_vision.nlp needs transformers: pip install -e ".[nlp]"') from err
 
-from .apply import apply_neat, describe_transformers, install, load_adapter
+from .apply import apply_adapter, apply_neat, describe_transformers, from_pretrained, install, load_adapter
 from .presets import MODEL_TYPES, PRESETS, preset_aliases
 
 install()
@@ -18,8 +18,10 @@ install()
 __all__ = [
     "MODEL_TYPES",
     "PRESETS",
+    "apply_adapter",
     "apply_neat",
     "describe_transformers",
+    "from_pretrained",
     "install",
     "load_adapter",
     "preset_aliases",

@@ -8,10 +8,16 @@ require gradients. The head is the core's default: a child named ``classifier`` 
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import threading
+import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -36,8 +42,105 @@ def apply_neat(
         preset: alias table (``bert`` or ``llama``); ``None`` picks it from ``model.config.model_type``.
         head: modules trained whole when ``config.train_head`` (default: ``classifier`` / ``score``).
     """
-    aliases = preset_aliases(model, preset)
-    return core.apply_neat(model, config, aliases=aliases, head=None if head is None else list(head))
+    return apply_adapter(model, NeatConfig.coerce(config), preset, head=head)
+
+
+def apply_adapter(
+    model: PreTrainedModel, config: Any, preset: str | None = None, *, head: Sequence[str] | None = None
+) -> PreTrainedModel:
+    """`apply_neat` for any registered method's config (NEAT, LoRA, FourierFT).
+
+    The adapter is recorded in ``model.config.neat_adapter``, so ``save_pretrained`` (and the ``Trainer``'s
+    ``save_model``) writes what `from_pretrained` needs to rebuild it; `merge_and_unload` removes the record.
+    """
+    head = None if head is None else list(head)
+    core.apply_adapter(model, config, aliases=preset_aliases(model, preset), head=head)
+    _record_adapter(model, config, preset, head)
+    return model
+
+
+def _record_adapter(model: PreTrainedModel, config: Any, preset: str | None, head: list[str] | None) -> None:
+    model.config.neat_adapter = {
+        "format": core.FORMAT,
+        "method": config.method,
+        "config": config.identity_dict(),
+        "preset": preset,
+        "head": head,
+    }
+
+
+_restoring = threading.local()
+
+
+def from_pretrained(
+    path: str | os.PathLike, model_class: type[PreTrainedModel] | None = None, **from_pretrained_kwargs: Any
+) -> PreTrainedModel:
+    """Reload an adapted model written by ``save_pretrained`` or the ``Trainer`` (base, head and updates).
+
+    ``model_class`` defaults to the class recorded in ``config.json`` (``architectures``); the keyword
+    arguments go to its ``from_pretrained`` (``dtype``, ``device_map``, ...). The update tensors stay in
+    their saved dtype (fp32), as after `apply_neat`.
+    """
+    config = transformers.AutoConfig.from_pretrained(path)
+    record = getattr(config, "neat_adapter", None)
+    if not isinstance(record, Mapping) or record.get("format") != core.FORMAT:
+        raise core.AdapterMismatchError(
+            f"{path} holds no neat-vision adapter (its config.json has no neat_adapter record); "
+            "load it with its class's from_pretrained"
+        )
+    if model_class is None:
+        model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
+    _restoring.active = True
+    try:
+        model = model_class.from_pretrained(path, **from_pretrained_kwargs)
+    finally:
+        _restoring.active = False
+    adapter_config = core.config_from_meta(record)
+    apply_adapter(model, adapter_config, record.get("preset"), head=record.get("head"))
+    saved = _update_tensors(path)
+    params = dict(core.named_adapter_parameters(model))
+    if set(saved) != set(params):
+        only_file, only_model = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
+        raise core.AdapterMismatchError(
+            f"{path}: the saved update tensors do not fit the rebuilt adapter "
+            f"(only in the files: {only_file[:3]}, only in the model: {only_model[:3]})"
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    return model
+
+
+def _update_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``*.updates.*`` tensors of a saved model (one ``model.safetensors`` or an index of shards)."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index is not None:
+        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    tensors = {}
+    for shard in shards:
+        file = cached_file(path, shard, _raise_exceptions_for_missing_entries=False)
+        if file is None:
+            raise FileNotFoundError(f"{path}: no {shard} (from_pretrained reads safetensors checkpoints)")
+        with safe_open(file, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if ".updates." in k})
+    return tensors
+
+
+def _warn_dropped_updates(model: PreTrainedModel, path: Any) -> None:
+    record = getattr(model.config, "neat_adapter", None)
+    if isinstance(record, Mapping) and not core.adapted_layers(model) and not getattr(_restoring, "active", False):
+        warnings.warn(
+            f"{path} was saved with a neat-vision {record.get('method')} adapter, which "
+            f"{type(model).__name__}.from_pretrained does not load: this is the base model. Reload it with "
+            f"neat_vision.nlp.from_pretrained({str(path)!r}).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def load_adapter(
@@ -67,7 +170,10 @@ def load_adapter(
         model_class = getattr(transformers, base["model_class"])
         kwargs = {"num_labels": base["num_labels"], **from_pretrained_kwargs}
         model = model_class.from_pretrained(name, **kwargs)
-    return core.load_adapter(model, path, check_base=check_base, aliases=preset_aliases(model, preset))
+    core.load_adapter(model, path, check_base=check_base, aliases=preset_aliases(model, preset))
+    if not hasattr(model.config, "neat_adapter"):
+        _record_adapter(model, model.neat_config, preset, None)
+    return model
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedTokenizerBase:
@@ -93,6 +199,21 @@ def describe_transformers(model: nn.Module) -> dict[str, Any] | None:
 
 
 def install() -> None:
-    """Register `describe_transformers` with the core's adapter files (idempotent)."""
+    """Register `describe_transformers` with the core's adapter files, and make a plain ``from_pretrained``
+    of a saved adapted model warn that it drops the updates (idempotent)."""
     if describe_transformers not in core.BASE_DESCRIBERS:
         core.BASE_DESCRIBERS.append(describe_transformers)
+    original = PreTrainedModel.from_pretrained.__func__
+    if getattr(original, "_neat_vision", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained_checked(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = original(cls, pretrained_model_name_or_path, *args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model
+        if isinstance(loaded, PreTrainedModel):
+            _warn_dropped_updates(loaded, pretrained_model_name_or_path)
+        return model
+
+    from_pretrained_checked._neat_vision = True
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained_checked)
