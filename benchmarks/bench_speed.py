@@ -23,7 +23,12 @@ Variants (``--variants`` takes glob patterns, ``--list`` prints them all):
 
 Sections (``--sections``): peak (bf16 matmul peak), main (the table), infer (images/s, merged NEAT vs
 base), compile, scaling (rank 1..64, ViT-S/B/L), cars (the StanfordCars recipe's images/s), profile
-(torch.profiler top ops). ``--smoke`` runs everything on a tiny model on the CPU in a few seconds.
+(torch.profiler top ops), llm (a Llama-shaped causal LM, default Llama-3.2-3B's shape with random bf16
+weights, batch 4 x 512 tokens: NEAT r 32 on q k v up down, per layer, batched and fused, against peft LoRA r 32
+and peft PEANuT r 32; ``--llm-*`` options). ``--smoke`` runs everything on a tiny model on the CPU in a few
+seconds.
+
+    python benchmarks/bench_speed.py --sections peak,llm --optims adamw-fused --md $OUT/LLM.md --json $OUT/llm.json
 
     python benchmarks/bench_speed.py --models vit_base_patch16_224,vit_large_patch16_224 --batches 64,256
 
@@ -335,6 +340,78 @@ def bf16_peak_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> flo
     return 2 * n**3 / (statistics.median(times) / 1e3) / 1e12
 
 
+# ---- the language side: a Llama-shaped causal LM --------------------------------------------------------
+
+# Llama-3.2-3B's shape (random weights); "smoke" is a tiny one for the CPU
+LLM_CONFIGS = {
+    "llama-3.2-3b": dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+        rope_theta=500000.0, tie_word_embeddings=True,
+    ),
+    "smoke": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=128, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+LLM_TARGETS = ("q", "k", "v", "up", "down")  # the paper's LLaMA targets (Tables 10/11)
+LLM_VARIANTS = ("peft-lora", "peft-peanut", "neat", "neat-batched", "neat-fused")
+
+
+def build_llm_base(config_name: str, device: torch.device) -> nn.Module:
+    """A ``LlamaForCausalLM`` of the named shape with random bf16 weights, built directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**LLM_CONFIGS[config_name]))
+    finally:
+        torch.set_default_dtype(default)
+    return model.requires_grad_(False)
+
+
+def make_llm(variant: str, base: nn.Module, rank: int) -> nn.Module:
+    """A copy of ``base`` with ``variant``'s adapter of rank ``rank`` on q k v up down (fp32 adapter weights)."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(base)
+    if variant.startswith("peft-"):
+        if peft is None:
+            raise RuntimeError("peft is not installed")
+        modules = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+        if variant == "peft-lora":
+            cfg = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=modules)
+        else:
+            cfg = peft.PeanutConfig(r=rank, depth=0, target_modules=modules)
+        return peft.get_peft_model(model, cfg)
+    from neat_vision.nlp import apply_neat as apply_neat_hf
+
+    path = "fused" if variant == "neat-fused" else "factored"
+    model = apply_neat_hf(model, NeatConfig(targets=LLM_TARGETS, rank=rank, path=path))
+    if variant in ("neat-batched", "neat-fused"):
+        batch_tweakers(model)
+    return model
+
+
+def make_lm_step(model, batch: int, seq: int, device, optim: str = "adamw"):
+    """One causal-LM training step (bf16 autocast, loss on every token, AdamW) on fixed random tokens."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True if optim == "adamw-fused" else None)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
@@ -430,6 +507,50 @@ class Bench:
             return
         self.meta["bf16_peak_tflops"] = round(bf16_peak_tflops(self.device), 1)
         self.log(f"bf16 matmul peak (8192^3): {self.meta['bf16_peak_tflops']} TFLOP/s")
+
+    def llm(self) -> None:
+        """Causal-LM training step: NEAT vs peft LoRA and PEANuT at the same rank on q k v up down."""
+        args = self.args
+        try:
+            base = build_llm_base(args.llm_config, self.device)
+        except ImportError as exc:
+            self.record(dict(section="llm", model=args.llm_config, batch=args.llm_batch, error=f"skipped: {exc}"))
+            return
+        for rnd in range(args.rounds):
+            for variant in args.llm_variants:
+                row = dict(section="llm", model=args.llm_config, batch=args.llm_batch, variant=variant, amp="bf16")
+                row.update(seq=args.llm_seq, rank=args.llm_rank, optim=args.optims[-1], round=rnd)
+                if self.left_s() < args.reserve:
+                    row["error"] = "skipped: time budget"
+                    self.record(row)
+                    continue
+                model = None
+                try:
+                    t = time.monotonic()
+                    model = make_llm(variant, base, args.llm_rank).train()
+                    step = make_lm_step(model, args.llm_batch, args.llm_seq, self.device, row["optim"])
+                    if self.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    times = timed_steps(step, Clock(self.device), args.warmup, args.steps)
+                    row.update(
+                        step_ms=statistics.median(times),
+                        step_ms_min=min(times),
+                        step_ms_all=[round(x, 3) for x in times],
+                        trainable=trainable(model),
+                        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else math.nan,
+                        wall_s=round(time.monotonic() - t, 1),
+                    )
+                except Exception as exc:  # a variant that fails is recorded, the run goes on
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    if args.smoke or args.strict:
+                        raise
+                finally:
+                    del model
+                    free(self.device)
+                self.log(_row_line(row))
+                self.record(row)
+        del base
+        free(self.device)
 
     def main(self) -> None:
         for rnd in range(self.args.rounds):  # rounds interleave the variants; the tables take the median
@@ -625,6 +746,29 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
             tc = f"{trainable_count:,}" if trainable_count is not None else "-"
             out.append(f"| {method} | {target} | {tc} |" + "".join(cells))
         out.append("")
+    llm = [r for r in results if r["section"] == "llm" and "variant" in r]
+    if llm:
+        first = llm[0]
+        out += [
+            f"## Language model: {first['model']} (random weights, bf16), batch {first['batch']} x "
+            f"{first['seq']} tokens, r {first['rank']} on q k v up down, {first['optim']}",
+            "",
+            "peft PEANuT at peft depth 0 (= NEAT depth 2); LoRA alpha = r. Step = forward + backward + optimizer.",
+            "",
+            "| variant | trainable | ms | x LoRA | peak GiB | x LoRA |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        ref = _find(llm, "peft-lora", first["batch"])
+        for variant in dict.fromkeys(r["variant"] for r in llm):
+            r = _find(llm, variant, first["batch"])
+            if r is None or "error" in r:
+                out.append(f"| {variant} | | failed | | | |")
+                continue
+            out.append(
+                f"| {variant} | {r['trainable']:,} | {_fmt(r['step_ms'])} | {_ratio(r, ref, 'step_ms')} | "
+                f"{_fmt(r['peak_gib'], 2)} | {_ratio(r, ref, 'peak_gib')} |"
+            )
+        out.append("")
     errors = [r for r in results if "error" in r]
     infer = [r for r in results if r["section"] == "infer" and "error" not in r]
     if infer:
@@ -773,7 +917,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--levers-models", type=csv, default=["vit_base_patch16_224"], help="models that get every path")
     p.add_argument("--batches", type=ints, default=[64, 256])
     p.add_argument("--variants", type=csv, default=["*"], help="glob patterns over variant names")
-    p.add_argument("--sections", type=csv, default=["peak", "cars", "main", "infer", "scaling", "profile", "compile"])
+    p.add_argument(
+        "--sections", type=csv, default=["peak", "cars", "main", "infer", "scaling", "profile", "compile", "llm"]
+    )
     p.add_argument("--rounds", type=int, default=1, help="repeat the main table, variants interleaved")
     p.add_argument("--optims", type=csv, default=["adamw"], help="adamw (foreach, default) and/or adamw-fused")
     p.add_argument("--warmup", type=int, default=3)
@@ -804,6 +950,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cars-batch", type=int, default=64)
     p.add_argument("--profile-variants", type=csv, default=["peft-lora", "neat-d6-qv-batched", "neat-d6-qv-plain"])
     p.add_argument("--profile-out", default=None, help="file for the full profiler tables")
+    p.add_argument("--llm-config", default="llama-3.2-3b", choices=sorted(LLM_CONFIGS), help="llm section's shape")
+    p.add_argument("--llm-variants", type=csv, default=list(LLM_VARIANTS))
+    p.add_argument("--llm-batch", type=int, default=4)
+    p.add_argument("--llm-seq", type=int, default=512)
+    p.add_argument("--llm-rank", type=int, default=32)
     p.add_argument("--budget", type=float, default=1e9, help="seconds; later variants are skipped past it")
     p.add_argument("--reserve", type=float, default=0.0, help="stop starting variants this many seconds before")
     p.add_argument("--compile-reserve", type=float, default=60.0, help="extra seconds a compiled variant needs")
@@ -828,6 +979,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.compile_reserve = 0.0
         args.ranks = [2]
         args.profile_variants = ["neat-d6-qv-batched"]
+        args.llm_config, args.llm_batch, args.llm_seq, args.llm_rank = "smoke", 2, 16, 4
         if args.variants == ["*"]:
             args.variants = list(SMOKE_VARIANTS)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -41,9 +41,20 @@ def test_benchmark_smoke(tmp_path):
     results = json.loads(js.read_text())["results"]
     assert not [r for r in results if "error" in r]
     sections = {r["section"] for r in results}
-    assert {"main", "infer", "compile", "rank", "width", "cars", "profile"} <= sections
+    assert {"main", "infer", "compile", "rank", "width", "cars", "profile", "llm"} <= sections
+    llm = {r["variant"]: r for r in results if r["section"] == "llm"}
+    assert set(llm) == {"peft-lora", "peft-peanut", "neat", "neat-batched", "neat-fused"}
+    # NEAT and peft PEANuT at the same rank train the same number of tensors' entries (axis out, depth 2)
+    assert llm["neat"]["trainable"] == llm["peft-peanut"]["trainable"] == llm["neat-fused"]["trainable"]
     text = md.read_text()
-    for title in ("## Training step", "## Inference", "## Compiled mode", "## Scaling with rank", "## StanfordCars"):
+    for title in (
+        "## Training step",
+        "## Inference",
+        "## Compiled mode",
+        "## Scaling with rank",
+        "## StanfordCars",
+        "## Language model: smoke",
+    ):
         assert title in text
     assert "| NEAT r=7 depth 6 batched | q,v |" in text
 
