@@ -437,3 +437,15 @@ def test_distributed_loader_uses_distributed_sampler(tmp_path) -> None:
         dist.destroy_process_group()
     with pytest.raises(RuntimeError, match="process group"):
         build_loader(data, build_transforms(CONFIG, train=True), 4, train=True, num_workers=0, distributed=True)
+
+
+def test_lfw_subset_faces() -> None:
+    pytest.importorskip("skimage")
+    parts = [build_dataset("lfw_subset", None, s, seed=1) for s in SPLITS]
+    assert [len(ds) for ds in parts] == [120, 40, 40]
+    assert parts[0].classes == ["face", "non_face"]
+    labels = np.concatenate([[ds[i][1] for i in range(len(ds))] for ds in parts])
+    assert np.bincount(labels).tolist() == [100, 100]  # stratified: every split is half faces
+    assert all(np.bincount([ds[i][1] for i in range(len(ds))]).tolist() == [len(ds) // 2] * 2 for ds in parts)
+    image = parts[0][0][0]
+    assert image.shape == (25, 25, 3) and image.dtype == np.uint8

@@ -648,3 +648,17 @@ def _mnist5k(root: Path | None, split: str, seed: int, download: bool) -> ImageD
     images = np.clip(pixels, 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     data = ArrayImageDataset(images, targets, [str(d) for d in range(10)], part="mnist5k")
     return apply_split_rule(split, seed, POOLED_60_20_20, lambda: data)
+
+
+@register_dataset("lfw_subset", aliases=("faces",), num_classes=2, split_sizes=POOLED_60_20_20.sizes(200))
+def _lfw_subset(root: Path | None, split: str, seed: int, download: bool) -> ImageDataset:
+    """scikit-image's bundled ``lfw_subset`` (200 grey 25x25 images: 100 faces, then 100 non-faces); ``root`` is
+    ignored. Classes: ``face``, ``non_face``."""
+    try:
+        from skimage.data import lfw_subset
+    except ImportError as err:
+        raise ImportError("dataset 'lfw_subset' needs scikit-image, which ships it: pip install scikit-image") from err
+    images = np.round(lfw_subset() * 255.0).astype(np.uint8)
+    targets = np.repeat([0, 1], [100, 100])
+    data = ArrayImageDataset(images, targets, ["face", "non_face"], part="lfw_subset")
+    return apply_split_rule(split, seed, POOLED_60_20_20, lambda: data)
