@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from neat_vision.adapter import merge_and_unload, read_adapter_config
+from neat_vision.adapter import AdapterMismatchError, merge_and_unload, read_adapter_config
 from neat_vision.data import SPLITS, build_dataset, build_loader, build_transforms
 from neat_vision.engine.distributed import DistEnv
 from neat_vision.engine.metrics import evaluate
@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             pretrained_file=args.pretrained_file,
             options={k: getattr(args, k) for k in SHARED},
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (AdapterMismatchError, OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from neat_vision.adapter import merge_and_unload
+from neat_vision.adapter import AdapterMismatchError, merge_and_unload
 from neat_vision.trained import DATA_CONFIG_OPTIONS, Trained, add_train_options, open_adapter
 
 __all__ = ["export_adapter", "export_timm", "export_transformers", "main"]
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     try:
         overrides = {k: getattr(args, k) for k in DATA_CONFIG_OPTIONS}
         return export_adapter(args.adapter, args.output, pretrained_file=args.pretrained_file, overrides=overrides)
-    except (FileNotFoundError, ValueError) as err:
+    except (AdapterMismatchError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from neat_vision.adapter import merge_and_unload, read_adapter_config
+from neat_vision.adapter import AdapterMismatchError, merge_and_unload, read_adapter_config
 from neat_vision.data import CorruptImageError, build_transforms, read_rgb
 from neat_vision.trained import (
     add_train_options,
@@ -64,7 +64,12 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple
         elif _is_image(path):
             images.append(path)
         else:
-            for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError:
+                problems.append((str(path), f"neither an image file ({', '.join(IMG_EXTENSIONS)}) nor a text list"))
+                continue
+            for line in lines:
                 entry = line.strip()
                 if not entry or entry.startswith("#"):
                     continue
@@ -73,7 +78,7 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple
                 if listed.is_file():
                     images.append(listed)
                 else:
-                    problems.append((str(listed), f"listed in {path}: no such file"))
+                    problems.append((str(listed), f"listed in {path}: not a file"))
     return images, problems
 
 
@@ -210,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> Prediction:
             pretrained_file=args.pretrained_file,
             options={k: getattr(args, k) for k in SHARED},
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (AdapterMismatchError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,6 @@ __all__ = [
     "resolve_options",
     "run_options",
 ]
-
-logger = logging.getLogger("neat_vision")
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # train.py options that shape how a trained model sees its inputs (timm data config overrides)
