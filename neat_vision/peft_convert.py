@@ -35,7 +35,15 @@ from torch import nn
 from .adapter import ADAPTER_WEIGHTS, adapted_layers, apply_adapter, read_adapter_config, save_adapter
 from .config import NeatConfig
 
-__all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "PeftConversionError", "main", "neat_to_peft", "peft_to_neat"]
+__all__ = [
+    "PEFT_CONFIG",
+    "PEFT_WEIGHTS",
+    "PeftConversionError",
+    "main",
+    "neat_to_peft",
+    "peft_to_neat",
+    "read_peft_adapter",
+]
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -24,6 +24,7 @@ from neat_vision.engine.data import data_config
 
 __all__ = [
     "AMP_DTYPES",
+    "DATA_CONFIG_OPTIONS",
     "Trained",
     "add_train_options",
     "autocast_for",
@@ -113,7 +114,8 @@ def open_adapter(
     """Build the base model an adapter folder records, load the adapter onto it, and return it in eval mode.
 
     timm bases are built with their pretrained weights (``pretrained_file``, else the run's
-    ``pretrained_file``, else the hub) and checked against the adapter's fingerprint of them; transformers
+    ``pretrained_file``, else the hub), or for a run with ``--no-pretrained`` with timm's random init under the
+    run's seed (as ``train.py`` built it), and checked against the adapter's fingerprint of them; transformers
     bases with ``from_pretrained`` of the recorded name or path. ``options`` replace the run's ``args.yaml``.
     """
     adapter = Path(adapter)
@@ -131,7 +133,13 @@ def open_adapter(
             if not file.is_file():
                 raise FileNotFoundError(f"pretrained_file={str(weights)!r}: no such file")
             kwargs["pretrained_cfg_overlay"] = {"file": str(file)}
-        model = load_adapter(None, adapter, **kwargs)
+        pretrained = bool(options.get("pretrained", True)) or weights is not None
+        if not pretrained:
+            from timm.utils import random_seed
+
+            random_seed(options.get("seed", 0), 0)  # train.py seeds so before building the model
+        kwargs = {**options.get("model_kwargs", {}), **kwargs}
+        model = load_adapter(None, adapter, pretrained=pretrained, **kwargs)
         num_classes = getattr(model, "num_classes", None)
     elif library == "transformers":
         from neat_vision.nlp import load_adapter

@@ -72,6 +72,17 @@ def test_train_records_class_names_and_evaluate_matches_its_test_metrics(trained
         evaluate_main(["--adapter", str(trained_run / "adapter"), "--dataset", "fractal"])
 
 
+def test_evaluate_rebuilds_a_randomly_initialised_base_and_matches_training_on_digits(tmp_path: Path) -> None:
+    """A ``--no-pretrained`` run (timm's seeded random init) on scikit-learn's real digits: same test metrics."""
+    argv = ["--dataset", "digits", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--workers", "0"]
+    argv += ["--model-kwargs", "{img_size: 16, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2}"]
+    argv += ["--epochs", "1", "--batch-size", "32", "--limit-train-batches", "3", "--no-tb", "--seed", "3"]
+    final = run(parse_args([*argv, "--output", str(tmp_path), "--experiment", "digits"]))
+    summary = evaluate_adapter(tmp_path / "digits" / "adapter", options={"workers": 0})
+    assert (summary["top1"], summary["top5"], summary["count"]) == (final["test_top1"], final["test_top5"], 360)
+    assert [c["class"] for c in summary["per_class"]] == [str(d) for d in range(10)]
+
+
 def test_predict_writes_a_row_per_readable_image_and_reports_the_rest(trained_run: Path, tmp_path: Path) -> None:
     shapes = Path(parse_args(["--config", str(trained_run / "args.yaml")]).data_dir)
     folder = tmp_path / "images"
@@ -150,8 +161,8 @@ def test_export_of_a_transformers_adapter_is_save_pretrained_of_the_merged_model
     base = save_roberta_folder(tmp_path / "base")
     model = apply_neat(RobertaForSequenceClassification.from_pretrained(base, num_labels=3), {"rank": 2}).eval()
     with torch.no_grad():
-        for p in neat_vision.neat_parameters(model):
-            p[1].normal_(std=0.3)
+        for p in neat_vision.adapter_parameters(model):
+            p.normal_(std=0.3)
     neat_vision.save_adapter(model, tmp_path / "adapter")
     export_adapter(tmp_path / "adapter", tmp_path / "merged")
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
