@@ -77,13 +77,17 @@ def _describe_timm(model: nn.Module) -> dict[str, Any] | None:
     model_args = {
         k: v for k, v in getattr(model, "_model_args", {}).items() if k != "neat" and isinstance(v, (int, float, str))
     }
-    return {
+    description = {
         "library": "timm",
         "model_name": cfg["architecture"],
         "pretrained_tag": cfg.get("tag"),
         "num_classes": getattr(model, "num_classes", None),
         "model_args": model_args,
     }
+    labels = cfg.get("label_names")  # timm's place for the names of a model's outputs (train.py sets them)
+    if isinstance(labels, (list, tuple)) and len(labels) == description["num_classes"]:
+        description["label_names"] = [str(name) for name in labels]
+    return description
 
 
 def create_model(model_name: str, *, neat: NeatConfig | dict | None = None, **kwargs: Any) -> nn.Module:

@@ -53,7 +53,13 @@ from neat_vision.engine.distributed import (
     setup_distributed,
 )
 from neat_vision.engine.metrics import append_summary, evaluate, truncate_summary
-from neat_vision.engine.model import build_adapter, build_model, check_layers_reached, export_trained
+from neat_vision.engine.model import (
+    build_adapter,
+    build_model,
+    check_layers_reached,
+    export_trained,
+    record_label_names,
+)
 from neat_vision.engine.optim import build_optimizer, build_scheduler
 from neat_vision.engine.plan import Plan, dry_run, log_plan, make_plan
 from neat_vision.engine.progress import Progress, format_seconds
@@ -182,6 +188,7 @@ class Trainer:
             raise ValueError(f"num_classes={args.num_classes} but dataset {args.dataset!r} has {num_classes} classes")
         random_seed(args.seed, 0)  # identical initialisation on every rank
         model = build_adapter(build_model(args, num_classes), args).to(device)
+        record_label_names(model, getattr(datasets["train"], "classes", None))
         config = data_config(args, model)
         check_layers_reached(model, config["input_size"], device)
         loaders = build_loaders(args, datasets, config, env)

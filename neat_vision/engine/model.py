@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +33,7 @@ __all__ = [
     "export_trained",
     "method_choices",
     "neat_config",
+    "record_label_names",
 ]
 
 BUILTIN_METHODS = ("neat", "linear", "full")
@@ -115,6 +117,16 @@ def build_adapter(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     model.requires_grad_(args.method == "full")
     model.get_classifier().requires_grad_(True)
     return model
+
+
+def record_label_names(model: nn.Module, names: Sequence[str] | None) -> None:
+    """Keep the dataset's class names where timm keeps a model's labels, ``pretrained_cfg["label_names"]``.
+
+    Adapter files record them (``base.label_names``) for predict, evaluate and export; ``None`` changes nothing.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if names is not None and isinstance(cfg, dict):
+        model.pretrained_cfg = {**cfg, "label_names": [str(n) for n in names]}
 
 
 @torch.no_grad()
