@@ -6,6 +6,7 @@ model with NEAT tweakers injected, the base frozen, tweakers and head trainable.
 
 from . import models  # noqa: E402,F401  registers the shipped fractal ViT in timm
 from .adapter import (
+    AdapterFileError,
     AdapterMismatchError,
     adapted_layers,
     adapter_parameters,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptedLinear",
+    "AdapterFileError",
     "AdapterMismatchError",
     "ConfigError",
     "FourierConfig",

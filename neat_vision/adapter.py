@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import CONFIG_TYPES, NeatConfig
+from .config import CONFIG_TYPES, ConfigError, NeatConfig
 from .layers import AdaptedLinear, batch_tweakers
 from .targets import AliasTable, resolve_targets
 
@@ -35,6 +35,10 @@ BASE_DESCRIBERS: list[Callable[[nn.Module], dict[str, Any] | None]] = []
 
 class AdapterMismatchError(RuntimeError):
     """An adapter file does not fit the model it is loaded onto."""
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder's files are cut, edited or inconsistent (not as `save_adapter` wrote them)."""
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
@@ -263,18 +267,43 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
     return {"class": type(model).__name__}
 
 
+# temporary files of atomic_write: ".<name>.<8 random characters>.tmp" next to the target
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-z_]{8}\.tmp$")
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_name)`` for a temporary file next to ``path``, then move it onto ``path``."""
+    """Call ``write(tmp_name)`` for a temporary file next to ``path``, then move it onto ``path``.
+
+    The file gets the ordinary mode of new files (``0o666`` less the umask), like files written directly.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
+    mode = os.stat(tmp).st_mode & 0o777  # the umask applied: what a plain open() would have given
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # writers that replace the file (safetensors) create it 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files an interrupted `atomic_write` left in ``folder``; return them."""
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -302,13 +331,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON metadata of an adapter folder."""
+    """The JSON metadata of an adapter folder (`AdapterFileError` naming the file when it is cut or edited)."""
     file = Path(path) / ADAPTER_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"no adapter config at {file} (expected a folder written by save_adapter)")
-    meta = json.loads(file.read_text())
-    if meta.get("format") != FORMAT:
-        raise AdapterMismatchError(f"{file} is not a {FORMAT} file (format={meta.get('format')!r})")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(
+            f"{file} is not valid JSON ({err}): the file is cut or edited; save the adapter again"
+        ) from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise AdapterMismatchError(f"{file} is not a {FORMAT} file (format={found!r})")
+    fingerprint_ok = isinstance(meta.get("fingerprint"), dict) and {"sha256", "layers"} <= set(meta["fingerprint"])
+    missing = [k for k in ("method", "config") if k not in meta] + ([] if fingerprint_ok else ["fingerprint"])
+    if missing:
+        raise AdapterFileError(f"{file} lacks {', '.join(missing)}: the file is edited; save the adapter again")
     return meta
 
 
@@ -320,42 +359,88 @@ def config_from_meta(meta: Mapping[str, Any]) -> Any:
     return CONFIG_TYPES[method].coerce(meta["config"])
 
 
+def _read_tensors(path: str | os.PathLike, meta: Mapping[str, Any]) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path) / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"no adapter weights at {file} (expected a folder written by save_adapter)")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterFileError(
+            f"{file} cannot be read ({str(err).splitlines()[0][:200]}): the file is cut or is not a safetensors "
+            "file; save the adapter again"
+        ) from err
+    listed = meta.get("tensors")
+    if listed is not None and sorted(tensors) != sorted(listed):
+        raise AdapterFileError(
+            f"{file} holds other tensors than {Path(path) / ADAPTER_CONFIG} lists (the two files come from "
+            "different saves); save the adapter again"
+        )
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterFileError(f"{file}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]}); this adapter is broken")
+    return tensors
+
+
+def _undo_apply(model: nn.Module) -> Callable[[], None]:
+    """A function that returns a plain ``model`` to the state it has now, after `apply_adapter` (even a partial one)."""
+    modules = dict(model.named_modules())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    attrs = {k: model.__dict__[k] for k in ("neat_config", "_neat_batcher_handles") if k in model.__dict__}
+    hooks = set(model._load_state_dict_post_hooks)
+
+    def undo() -> None:
+        batch_tweakers(model, enabled=False)
+        for name in adapted_layers(model):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, modules[name])
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        for key in ("neat_config", "_neat_batcher_handles"):
+            model.__dict__.pop(key, None)
+        if "_neat_batcher_handles" in attrs:
+            batch_tweakers(model)
+        if "neat_config" in attrs:
+            model.__dict__["neat_config"] = attrs["neat_config"]
+        for key in set(model._load_state_dict_post_hooks) - hooks:
+            del model._load_state_dict_post_hooks[key]
+
+    return undo
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True, **apply_kwargs) -> nn.Module:
     """Load an adapter folder into ``model`` (adapting it first if it is a plain model); return it.
 
     Raises `AdapterMismatchError` when the model's adapted base weights are not those the adapter was
-    trained on (pass ``check_base=False`` to skip the check), or when the tensors do not fit.
+    trained on (pass ``check_base=False`` to skip the check), or when the tensors do not fit, and
+    `AdapterFileError` (or ``FileNotFoundError``) naming the file when the folder's files are cut or missing.
+    On any failure the model is left exactly as it was given.
     """
-    from safetensors.torch import load_file
-
     meta = read_adapter_config(path)
-    config = config_from_meta(meta)
+    try:
+        config = config_from_meta(meta)
+    except ConfigError as err:
+        raise AdapterFileError(f"{Path(path) / ADAPTER_CONFIG}: {err}") from err
+    tensors = _read_tensors(path, meta)
+    undo = None
     if not adapted_layers(model):
-        apply_adapter(model, config, **apply_kwargs)
+        undo = _undo_apply(model)
     elif getattr(model, "neat_config", None) != config:
         raise AdapterMismatchError(
             f"the model is adapted with {getattr(model, 'neat_config', None)}, the file with {config}"
         )
-    if check_base:
-        current = fingerprint(model)
-        if current["sha256"] != meta["fingerprint"]["sha256"]:
-            problems = _compare_fingerprints(meta["fingerprint"], current)
-            if problems:
-                raise AdapterMismatchError(
-                    f"adapter {path} was trained on other base weights ({meta['base']}); "
-                    f"{len(problems)} adapted layer(s) differ, e.g. {'; '.join(problems[:3])}. "
-                    "Load the same pretrained weights, or pass check_base=False to force."
-                )
-            warnings.warn(
-                "adapted base weights match the adapter's only up to precision (another dtype?)", stacklevel=2
-            )
-    tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    try:
+        if undo is not None:
+            apply_adapter(model, config, **apply_kwargs)
+        _check_fits(model, path, meta, tensors, check_base)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
     params = dict(model.named_parameters())
-    for name, t in tensors.items():
-        if name not in params:
-            raise AdapterMismatchError(f"adapter tensor {name} has no parameter in this model")
-        if params[name].shape != t.shape:
-            raise AdapterMismatchError(f"adapter tensor {name}: shape {tuple(t.shape)} != {tuple(params[name].shape)}")
     merged = [layer for layer in adapted_layers(model).values() if layer.merged]
     for layer in merged:
         layer.unmerge()
@@ -366,3 +451,28 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
     for layer in merged:
         layer.merge()
     return model
+
+
+def _check_fits(
+    model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any], tensors: Mapping[str, Tensor], check_base: bool
+) -> None:
+    """Raise `AdapterMismatchError` unless ``tensors`` fit ``model`` (and its base weights are the adapter's)."""
+    if check_base:
+        current = fingerprint(model)
+        if current["sha256"] != meta["fingerprint"]["sha256"]:
+            problems = _compare_fingerprints(meta["fingerprint"], current)
+            if problems:
+                raise AdapterMismatchError(
+                    f"adapter {path} was trained on other base weights ({meta.get('base')}); "
+                    f"{len(problems)} adapted layer(s) differ, e.g. {'; '.join(problems[:3])}. "
+                    "Load the same pretrained weights, or pass check_base=False to force."
+                )
+            warnings.warn(
+                "adapted base weights match the adapter's only up to precision (another dtype?)", stacklevel=3
+            )
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        if name not in params:
+            raise AdapterMismatchError(f"adapter tensor {name} has no parameter in this model")
+        if params[name].shape != t.shape:
+            raise AdapterMismatchError(f"adapter tensor {name}: shape {tuple(t.shape)} != {tuple(params[name].shape)}")

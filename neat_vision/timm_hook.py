@@ -108,12 +108,13 @@ def load_adapter(
 
     With a name (or ``None``: the name recorded in the adapter), the model is built with
     ``timm.create_model(name, pretrained=pretrained, num_classes=<recorded>, **create_kwargs)`` so the
-    pretrained weights the adapter was trained on load first; the base check then confirms them.
+    pretrained weights the adapter was trained on load first; the base check then confirms them. A failure
+    (a cut file, other weights, an unknown or unreachable model) leaves a given model exactly as it was.
     """
     if isinstance(model_or_name, nn.Module):
         return _adapter.load_adapter(model_or_name, path, check_base=check_base)
     meta = _adapter.read_adapter_config(path)
-    base = meta.get("base", {})
+    base = meta.get("base") or {}
     name = model_or_name
     if name is None:
         if base.get("library") != "timm":
@@ -124,5 +125,14 @@ def load_adapter(
     if base.get("num_classes") is not None:
         kwargs["num_classes"] = base["num_classes"]
     kwargs.update(create_kwargs)
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if ":" not in name and not timm.is_model(name.split(".", 1)[0]):
+        raise ValueError(f"model {name!r} (from adapter {path}) is not a timm model here; pass the model or its name")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"cannot build {name} for adapter {path} (pretrained={pretrained}): {first[:300]}; pass the model "
+            "(load_adapter(model, path)), or pretrained_cfg_overlay=dict(file=...) for local weights"
+        ) from err
     return _adapter.load_adapter(model, path, check_base=check_base)

@@ -114,20 +114,21 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> 
     assert [r["train_loss"] for r in _rows(tmp_path / "parts")] == [r["train_loss"] for r in _rows(tmp_path / "whole")]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsys) -> None:
     args = _args(tmp_path, "nan", "--checkpoint-interval", "1", lr_neat=1e30, lr_head=1e30)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* optimizer step (\d+)") as info:
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .* optimizer step (\d+)") as info:
         run(args)
     bad_step = int(re.search(r"optimizer step (\d+)", str(info.value))[1])
-    assert f"checkpoint {tmp_path / 'nan' / 'checkpoints' / 'last.pth'} (step {bad_step - 1}) is intact" in str(
-        info.value
-    )
+    last = tmp_path / "nan" / "checkpoints" / "last.pth"
+    assert f"checkpoint {last} (step {bad_step - 1}) is intact and verified finite" in str(info.value)
     ckpt = load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pth")
     assert ckpt["progress"]["step"] == bad_step - 1 >= 1
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
-    with pytest.raises(SystemExit) as exit_info:  # the script reports it in one line and exits non-zero
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # the script reports it in one line and exits 3
         main(["--config", str(tmp_path / "nan" / "args.yaml"), "--experiment", "nan2"])
-    assert "non-finite training loss" in str(exit_info.value.code)
+    assert exit_info.value.code == 3
+    assert capsys.readouterr().err.startswith("error: non-finite ")
 
 
 def test_torchrun_two_processes_with_gloo(tmp_path: Path) -> None:

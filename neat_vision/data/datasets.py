@@ -9,7 +9,9 @@ File lists and labels come from torchvision's dataset classes (``OxfordIIITPet``
 torchvision's in-memory arrays. Images are opened lazily with PIL and converted to RGB here, so unreadable
 files are handled in one place:
 
-* by default an unreadable file raises ``CorruptImageError`` naming the file when it is loaded;
+* by default every listed file must exist (checked once at construction, a ``stat`` per file: a wrong path
+  fails before training, naming the file), and a file that does not decode raises ``CorruptImageError``
+  naming it when it is loaded;
 * with ``skip_corrupt=True`` the selected split is pre-scanned once at construction (every file is decoded,
   on a small thread pool), unreadable files are dropped from the split and counted in ``.skipped``. The
   dataset is then final: its length is known up front, nothing is duplicated, and DataLoader workers never
@@ -73,7 +75,8 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
             return np.array(img.convert("RGB"), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as err:
         raise CorruptImageError(
-            f"cannot read image file {path}: {err} (use skip_corrupt=True to skip unreadable files)"
+            f"cannot read image file {path}: {err}; fix or delete it, or drop unreadable files with --skip-corrupt "
+            "(skip_corrupt=True)"
         ) from err
 
 
@@ -121,6 +124,10 @@ class ImageDataset(Dataset, ABC):
         """
         return self
 
+    def missing_files(self) -> list[str]:
+        """The listed image files that do not exist or cannot be opened for reading (none for in-memory data)."""
+        return []
+
 
 class FileImageDataset(ImageDataset):
     """Images stored as files, decoded lazily on access."""
@@ -157,6 +164,9 @@ class FileImageDataset(ImageDataset):
             bad = [p for p, ok in zip(self.paths, readable, strict=True) if not ok]
             logger.warning("skipped %d unreadable image(s), e.g. %s", len(bad), ", ".join(bad[:5]))
         return kept
+
+    def missing_files(self) -> list[str]:
+        return [p for p in self.paths if not (os.path.isfile(p) and os.access(p, os.R_OK))]
 
 
 def _is_readable(path: str) -> bool:
@@ -296,7 +306,16 @@ def build_dataset(
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     dataset = entry.loader(None if root is None else Path(root).expanduser(), split, seed, download)
-    return dataset.drop_unreadable() if skip_corrupt else dataset
+    if skip_corrupt:
+        return dataset.drop_unreadable()
+    missing = dataset.missing_files()
+    if missing:
+        raise DatasetNotFoundError(
+            f"{entry.name}: {len(missing)} of the {len(dataset)} image file(s) of split {split!r} do not exist or "
+            f"cannot be opened, e.g. {', '.join(missing[:3])}; fix the paths, or drop such files with "
+            "--skip-corrupt (skip_corrupt=True)"
+        )
+    return dataset
 
 
 def apply_split_rule(

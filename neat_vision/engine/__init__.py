@@ -16,15 +16,14 @@ from neat_vision.engine.checkpoint import CheckpointMismatchError
 from neat_vision.engine.loop import NonFiniteLossError, run
 from neat_vision.engine.model import UnreachedLayerError
 from neat_vision.engine.plan import dry_run
+from neat_vision.errors import EXIT_DIVERGED, EXIT_USAGE, report
 
-# failures caused by options, data or run state: reported as one line, exit status 1
+# failures caused by options, files, data or run state: reported as one line, exit status 2 (errors.EXIT_USAGE)
 _USER_ERRORS = (
-    NonFiniteLossError,
     CheckpointMismatchError,
     UnreachedLayerError,
     ConfigError,
-    FileExistsError,
-    FileNotFoundError,
+    OSError,  # files: missing (FileNotFoundError), unreadable images, a file where a folder should be, ...
     ValueError,
 )
 
@@ -32,11 +31,13 @@ __all__ = ["NonFiniteLossError", "build_parser", "dry_run", "load_config", "main
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The training script: parse, run, report; a non-finite loss or a bad option exits non-zero."""
+    """The training script: parse, run, report; a bad option or file exits 2, a diverged run 3 (one line each)."""
     args = parse_args(argv)
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     try:
         run(args)
+    except NonFiniteLossError as err:
+        report(err, EXIT_DIVERGED)
     except _USER_ERRORS as err:
-        raise SystemExit(f"error: {err}") from err
+        report(err, EXIT_USAGE)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import timm
 import yaml
 
-from neat_vision.config import ACTIVATIONS, AXES, PATHS
-from neat_vision.engine.model import add_method_args, method_choices
+from neat_vision.config import ACTIVATIONS, AXES, PATHS, ConfigError
+from neat_vision.engine.model import _baselines, add_method_args, method_choices, neat_config
+from neat_vision.errors import OneLineParser, device_problem_of
 
 __all__ = ["ConfigFileError", "build_parser", "load_config", "parse_args", "resolved_config"]
 
@@ -52,7 +55,8 @@ def _probability(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The training script's argument parser (every option can also be set in a YAML config)."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
+        prog="train.py",
         description="Fine-tune a timm model with NEAT (or a baseline method).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -146,7 +150,15 @@ def _read_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
         where = f" (base of {seen[-1]})" if seen else ""
         raise ConfigFileError(f"config file {path} not found{where}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigFileError(f"{path}: not valid YAML ({problem}{where})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigFileError(f"{path}: cannot read the config ({err})") from err
     if not isinstance(data, Mapping):
         raise ConfigFileError(f"{path}: a config must be a YAML mapping of option: value, got {type(data).__name__}")
     data = dict(data)
@@ -180,11 +192,16 @@ def _convert(action: argparse.Action, key: str, value: Any, where: Path) -> Any:
             raise fail(kind)
         try:
             out.append(action.type(item) if action.type is not None else str(item))
-        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+        except argparse.ArgumentTypeError as err:
+            raise fail(str(err)) from err
+        except (TypeError, ValueError) as err:
             raise fail(f"{kind} ({err})") from err
     if action.choices is not None and any(v not in action.choices for v in out):
         raise fail(f"one of {', '.join(map(str, action.choices))}")
-    return out if action.nargs is not None else out[0]
+    value = out if action.nargs is not None else out[0]
+    if key in RANGES and not RANGES[key][0](value):
+        raise fail(RANGES[key][1])
+    return value
 
 
 def load_config(path: str | Path, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
@@ -217,6 +234,69 @@ def _block_indices(values: list[Any]) -> list[int] | None:
     return sorted(out)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _at_least(low: float, strict: bool = False) -> Callable[[Any], bool]:
+    return lambda v: _number(v) and (v > low if strict else v >= low)
+
+
+_POSITIVE, _NON_NEGATIVE, _COUNT = _at_least(0, strict=True), _at_least(0), _at_least(1)
+# option -> (check of its value, what is allowed); None passes where the option's default is None
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (_COUNT, "an integer >= 1") for k in ("epochs", "batch_size", "grad_accum", "eval_every", "log_interval")},
+    **{k: (_COUNT, "None or an integer >= 1") for k in ("limit_train_batches", "limit_eval_batches")},
+    **{k: (_COUNT, "None or an integer >= 1") for k in ("stop_after_steps", "img_size", "num_classes")},
+    **{k: (_COUNT, "an integer >= 1") for k in ("fractal_classes", "fractal_instances", "fractal_steps")},
+    "fractal_eval_batches": (_COUNT, "an integer >= 1"),
+    **{k: (_NON_NEGATIVE, "an integer >= 0") for k in ("workers", "checkpoint_interval", "seed")},
+    **{k: (_POSITIVE, "a finite number > 0") for k in ("lr_neat", "lr_head")},
+    "lr_backbone": (_POSITIVE, "None (= lr_neat) or a finite number > 0"),
+    "weight_decay": (_NON_NEGATIVE, "a finite number >= 0"),
+    "weight_decay_head": (_NON_NEGATIVE, "None (= weight_decay) or a finite number >= 0"),
+    "warmup_epochs": (_NON_NEGATIVE, "a finite number >= 0"),
+    "clip_grad": (_POSITIVE, "None (no clipping) or a finite number > 0"),
+    "crop_pct": (_POSITIVE, "None (the model's) or a finite number > 0"),
+    "hflip": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "mean": (lambda v: all(_number(x) for x in v), "None or 3 finite numbers"),
+    "std": (lambda v: all(_number(x) and x > 0 for x in v), "None or 3 finite numbers > 0"),
+    "crop_scale": (lambda v: _number(v[0]) and _number(v[1]) and 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"),
+    "lora_rank": (_COUNT, "an integer >= 1"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    "lora_alpha": (_POSITIVE, "None (= lora_rank) or a finite number > 0"),
+    "fourier_n": (_COUNT, "an integer >= 1"),
+    "fourier_seed": (_NON_NEGATIVE, "an integer >= 0"),
+    "param_budget": (_COUNT, "None or an integer >= 1"),
+}
+
+
+def _check_model_name(name: str) -> str | None:
+    """Why ``name`` is not a timm model (with the closest names), or ``None`` when it is one."""
+    if ":" in name:  # hf-hub:..., local-dir:...: timm resolves these itself
+        return None
+    architecture = name.split(".", 1)[0]
+    if timm.is_model(architecture):
+        return None
+    close = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
+    return f"model={name!r} is not a timm model{hint}"
+
+
+def _check_method(args: argparse.Namespace) -> str | None:
+    """Build the method's adapter config now, so a bad ``neat_*`` / ``lora_*`` / ``fourier_*`` value fails here."""
+    module = _baselines()
+    try:
+        if module is None:
+            if args.method == "neat":
+                neat_config(args)
+        elif getattr(args, "param_budget", None) is None:  # a budget's config needs the model: built in run()
+            module.method_config(args)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
 def _finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     args.neat_targets = [t for v in args.neat_targets for t in re.split(r"[,\s]+", v.strip()) if t]
     if args.neat_layers is not None:
@@ -224,27 +304,22 @@ def _finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argp
             args.neat_layers = _block_indices(args.neat_layers)
         except ValueError:
             parser.error(f"neat_layers={args.neat_layers!r} is not allowed: block indices (4 5 6, 4-11, 0,2) or all")
-    positive = ("epochs", "batch_size", "grad_accum", "eval_every", "log_interval")
-    for name in positive:
-        if getattr(args, name) < 1:
-            parser.error(f"{name}={getattr(args, name)} is not allowed: an integer >= 1")
-    for name in ("limit_train_batches", "limit_eval_batches", "stop_after_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"{name}={getattr(args, name)} is not allowed: None or an integer >= 1")
-    for name in ("workers", "checkpoint_interval", "warmup_epochs"):
-        if getattr(args, name) < 0:
-            parser.error(f"{name}={getattr(args, name)} is not allowed: a number >= 0")
-    if not 0.0 < args.crop_scale[0] <= args.crop_scale[1] <= 1.0:
-        parser.error(f"crop_scale={args.crop_scale} is not allowed: 0 < min <= max <= 1")
+    for name, (ok, allowed) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            parser.error(f"{name}={value!r} is not allowed: {allowed}")
     if args.pretrained_file is not None and not args.pretrained:
         parser.error("pretrained_file is set but pretrained is false: drop one of them")
+    for problem in (_check_model_name(args.model), device_problem_of(args.device), _check_method(args)):
+        if problem is not None:
+            parser.error(problem)
     return args
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``); a ``--config`` YAML sets the defaults first."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineParser(prog="train.py", add_help=False)
     pre.add_argument("-c", "--config", default=None)
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()

@@ -11,12 +11,13 @@ A checkpoint is a dict saved with ``torch.save`` and read back with ``torch.load
 * ``args``: the run's resolved options, checked against the resuming run's.
 
 Files are written to a temporary name in the same folder and moved with ``os.replace``, so a kill never
-leaves a truncated ``last.pth``.
+leaves a truncated ``last.pth`` (the temporary file it may leave is removed when the run starts again).
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -27,10 +28,13 @@ import torch
 from torch import nn
 
 from neat_vision.adapter import atomic_write
+from neat_vision.errors import one_line
 
 __all__ = [
+    "CHECKPOINT_TENSORS",
     "RUN_CONTROL_OPTIONS",
     "CheckpointMismatchError",
+    "CorruptCheckpointError",
     "atomic_write",
     "check_resumable",
     "load_checkpoint",
@@ -63,8 +67,17 @@ RUN_CONTROL_OPTIONS = frozenset(
 )
 
 
+# what a checkpoint holds, and the parts whose tensors must be finite for it to be good
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "progress", "args")
+CHECKPOINT_TENSORS = ("model", "optimizer")
+
+
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint does not belong to the run that tries to resume from it."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file cannot be read (truncated, or not written by ``train.py``)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -136,4 +149,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (tensors and plain Python values only)."""
     if not path.is_file():
         raise FileNotFoundError(f"resume={str(path)!r}: no such checkpoint file")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as err:
+        raise CorruptCheckpointError(
+            f"resume={str(path)!r}: cannot read the checkpoint ({one_line(err)[:200]}); resume from another "
+            "checkpoint (best.pth) or start a new run"
+        ) from err
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CorruptCheckpointError(
+            f"resume={str(path)!r}: not a train.py checkpoint (it lacks {', '.join(missing)}); pass a "
+            "checkpoints/last.pth or best.pth written by train.py"
+        )
+    return state

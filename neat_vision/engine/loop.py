@@ -14,6 +14,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
 from timm.utils import random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -31,9 +34,10 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from neat_vision.adapter import delta_norms, trainable_summary
+from neat_vision.adapter import delta_norms, remove_stale_temporaries, trainable_summary
 from neat_vision.engine.args import resolved_config
 from neat_vision.engine.checkpoint import (
+    CHECKPOINT_TENSORS,
     CheckpointMismatchError,
     atomic_write,
     check_resumable,
@@ -63,6 +67,8 @@ from neat_vision.engine.model import (
 from neat_vision.engine.optim import build_optimizer, build_scheduler
 from neat_vision.engine.plan import Plan, dry_run, log_plan, make_plan
 from neat_vision.engine.progress import Progress, format_seconds
+from neat_vision.errors import one_line
+from neat_vision.finite import checkpoint_nonfinite, nonfinite_flag, nonfinite_names
 
 __all__ = ["NonFiniteLossError", "run"]
 
@@ -72,7 +78,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped before applying that step."""
+    """The loss or the gradients became NaN or infinite (the step was not applied), or the weights did after one."""
 
 
 @dataclass
@@ -112,6 +118,38 @@ def _run_dir(args: argparse.Namespace, env: DistEnv) -> Path:
     return Path(args.output) / broadcast_object(name, env)
 
 
+def _check_writable(folder: Path, option: str) -> None:
+    """Fail before any work when ``folder`` cannot be created or written (a file in the way, no permission)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"{option}={str(folder)!r}: {existing} is a file, not a folder; choose another {option}"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option}={str(folder)!r}: {existing} is not writable; choose another {option}")
+
+
+def _build_base(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """``build_model``, with what the user can fix (model kwargs, a weights file, no hub access) said in one line."""
+    try:
+        return build_model(args, num_classes)
+    except (TypeError, AssertionError) as err:  # timm checks its constructor arguments with asserts
+        raise ValueError(f"model_kwargs={args.model_kwargs!r} are not accepted by {args.model}: {err}") from err
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, EOFError, KeyError, SafetensorError) as err:
+        if isinstance(err, FileNotFoundError) and args.pretrained_file is not None:
+            raise
+        if args.pretrained_file is not None:
+            raise ValueError(
+                f"pretrained_file={args.pretrained_file!r} cannot be loaded into {args.model}: {one_line(err)[:300]}"
+            ) from err
+        if args.pretrained:
+            raise ValueError(
+                f"the pretrained weights of {args.model} cannot be loaded ({one_line(err)[:300]}); pass "
+                "--pretrained-file FILE (a local copy) or --no-pretrained"
+            ) from err
+        raise
+
+
 def _checkpoint_to_resume(args: argparse.Namespace, run_dir: Path) -> Path | None:
     last = run_dir / "checkpoints" / "last.pth"
     if args.resume == "auto":
@@ -134,9 +172,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     if args.dry_run:
         return dry_run(args)
+    _check_writable(Path(args.output), "output")
     env = setup_distributed(args.device)
     try:
         run_dir = _run_dir(args, env)
+        _check_writable(run_dir, "experiment")
         final_file = run_dir / "final.json"
         if args.resume == "auto" and final_file.is_file():
             logger.info("%s is finished; its results: %s", run_dir, final_file)
@@ -175,6 +215,8 @@ class Trainer:
     started: float = field(default_factory=time.perf_counter)
     saved_step: int | None = None
     images_per_s: float = 0.0
+    # 1.0 when the last optimizer step left a non-finite trainable tensor; read at the next sync (no extra one)
+    weights_flag: torch.Tensor | None = None
 
     @classmethod
     def build(cls, args: argparse.Namespace, env: DistEnv, run_dir: Path) -> Trainer:
@@ -187,7 +229,7 @@ class Trainer:
         if args.num_classes is not None and args.num_classes != num_classes:
             raise ValueError(f"num_classes={args.num_classes} but dataset {args.dataset!r} has {num_classes} classes")
         random_seed(args.seed, 0)  # identical initialisation on every rank
-        model = build_adapter(build_model(args, num_classes), args).to(device)
+        model = build_adapter(_build_base(args, num_classes), args).to(device)
         record_label_names(model, getattr(datasets["train"], "classes", None))
         config = data_config(args, model)
         check_layers_reached(model, config["input_size"], device)
@@ -225,6 +267,8 @@ class Trainer:
         writer = None
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (run_dir, run_dir / "checkpoints", run_dir / "adapter"):
+                remove_stale_temporaries(folder)
             (run_dir / "args.yaml").write_text(yaml.safe_dump(resolved_config(args), sort_keys=False))
             truncate_summary(run_dir / "summary.csv", state.epoch)
             if args.tb:
@@ -233,7 +277,7 @@ class Trainer:
             log_plan(args, trainable_summary(model), optimizer.param_groups, sizes, plan, env.world_size)
             logger.info("outputs in %s", run_dir)
         autocast = _autocast(args, device)
-        return cls(
+        trainer = cls(
             args,
             env,
             run_dir,
@@ -249,13 +293,42 @@ class Trainer:
             writer,
             started,
         )
+        if resume_from is not None:
+            trainer.saved_step = state.step
+        return trainer
 
     def elapsed(self) -> float:
         """Wall time of the run so far, over all its sessions."""
         return self.state.elapsed_s + time.perf_counter() - self.started
 
+    def _check_weights(self) -> None:
+        """Stop (on every rank) when the last optimizer step made a trainable tensor non-finite."""
+        if self.weights_flag is None:
+            return
+        bad = all_reduce_sum(self.weights_flag.clone(), self.env).item()
+        self.weights_flag = None
+        if bad:
+            raise self._weights_error()
+
+    def _weights_error(self) -> NonFiniteLossError:
+        names = nonfinite_names((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        which = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+        return NonFiniteLossError(
+            f"trainable weights{which} became non-finite in optimizer step {self.state.step} (epoch "
+            f"{self.state.epoch + 1}); stopped before using or saving them; {self._last_checkpoint_note()}. "
+            f"{self._advice()}"
+        )
+
+    def _advice(self) -> str:
+        args = self.args
+        return (
+            f"Lower lr_neat={args.lr_neat:g} / lr_head={args.lr_head:g}, or set clip_grad (now {args.clip_grad}), "
+            "and start a new run (a resumed run keeps the options)"
+        )
+
     def save(self, best: bool = False) -> None:
-        """Checkpoint ``last`` (and ``best``) on rank 0; every rank contributes its RNG state."""
+        """Checkpoint ``last`` (and ``best``) on rank 0 after checking the weights; every rank gives its RNG state."""
+        self._check_weights()
         rngs = all_gather_object(rng_state(), self.env)
         if not self.env.is_main:
             return
@@ -273,10 +346,18 @@ class Trainer:
         self.saved_step = self.state.step
 
     def _last_checkpoint_note(self) -> str:
+        """What is on disk to fall back on, verified: ``last.pth`` is read back and its tensors checked."""
         last = self.run_dir / "checkpoints" / "last.pth"
         if self.saved_step is None:
             return "no checkpoint was written yet (see checkpoint_interval)"
-        return f"the last good checkpoint {last} (step {self.saved_step}) is intact"
+        if not self.env.is_main:
+            return f"rank 0 reports on {last}"
+        bad = checkpoint_nonfinite(last, CHECKPOINT_TENSORS)
+        if bad is None:
+            return f"the last checkpoint {last} cannot be read back: do not resume from it"
+        if bad:
+            return f"the last checkpoint {last} holds non-finite tensors ({', '.join(bad[:3])}): do not resume from it"
+        return f"the last good checkpoint {last} (step {self.saved_step}) is intact and verified finite"
 
     def train_epoch(self) -> bool:
         """Train from ``state.epoch, state.batch`` to the end of that epoch; ``True`` when stopped early."""
@@ -291,7 +372,8 @@ class Trainer:
             args.log_interval,
             env.is_main,
         )
-        window = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, samples
+        # loss sum, samples, non-finite gradients, non-finite weights after the previous step: one all-reduce
+        window = torch.zeros(4, dtype=torch.float64, device=env.device)
         logged = [0.0, 0]  # loss sum, samples since the last TensorBoard point
         start, samples_seen = time.perf_counter(), 0
         try:
@@ -313,17 +395,30 @@ class Trainer:
                 window[1] += len(targets)
                 if not last_in_window:
                     continue
-                loss_sum, samples = all_reduce_sum(window, env).tolist()
+                trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+                if self.scaler is not None:
+                    # inf gradients are the scaler's business under fp16: it skips that step and lowers its scale
+                    self.scaler.unscale_(self.optimizer)
+                else:
+                    window[2] = nonfinite_flag((p.grad for p in trainable), env.device)
+                if self.weights_flag is not None:
+                    window[3] = self.weights_flag
+                    self.weights_flag = None
+                loss_sum, samples, bad_grads, bad_weights = all_reduce_sum(window, env).tolist()
                 window.zero_()
                 mean_loss = loss_sum / samples
-                if not math.isfinite(mean_loss):
+                if bad_weights:
+                    raise self._weights_error()
+                if not math.isfinite(mean_loss) or bad_grads:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    what = f"training loss ({mean_loss})" if not math.isfinite(mean_loss) else "gradients"
                     raise NonFiniteLossError(
-                        f"non-finite training loss ({mean_loss}) at epoch {state.epoch + 1}, optimizer step "
-                        f"{state.step + 1}: stopped before applying it; {self._last_checkpoint_note()}. Lower "
-                        f"lr_neat={args.lr_neat:g} / lr_head={args.lr_head:g}, or set clip_grad (now {args.clip_grad})."
+                        f"non-finite {what} at epoch {state.epoch + 1}, optimizer step {state.step + 1}: "
+                        f"stopped before applying it; {self._last_checkpoint_note()}. {self._advice()}"
                     )
                 lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-                self._optimizer_step()
+                self._optimizer_step(trainable)
+                self.weights_flag = nonfinite_flag(trainable, env.device)
                 state.step += 1
                 state.batch = batch + 1
                 state.loss_sum += loss_sum
@@ -350,10 +445,8 @@ class Trainer:
         self.images_per_s = samples_seen / max(time.perf_counter() - start, 1e-9)
         return False
 
-    def _optimizer_step(self) -> None:
-        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+    def _optimizer_step(self, trainable: list[nn.Parameter]) -> None:
+        """Clip (gradients already unscaled), step, zero the gradients, advance the schedule."""
         if self.args.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(trainable, self.args.clip_grad)
         if self.scaler is not None:
@@ -366,6 +459,7 @@ class Trainer:
 
     def end_epoch(self) -> None:
         """Validate, record the epoch (summary.csv, TensorBoard, log), checkpoint ``last`` (and ``best``)."""
+        self._check_weights()  # before a non-finite model is evaluated and recorded
         args, env, state = self.args, self.env, self.state
         last_step = max(state.step - 1, 0)
         lrs = {

@@ -8,17 +8,45 @@ Unknown keys fail with the allowed names, so a misspelled setting never passes s
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from ..adapter import AdapterMismatchError
+from ..config import ConfigError, NeatConfig
+from ..errors import EXIT_DIVERGED, EXIT_USAGE, OneLineParser, device_problem_of, one_line
+from .loop import Diverged, ResumeError
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 # settings that must be positive integers when given
 COUNTS = ("epochs", "batch_size", "micro_batch_size", "eval_batch_size", "max_length", "cutoff_len", "num_beams")
+COUNTS += ("eval_limit", "max_new_tokens")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# setting -> (check of its value when given, what is allowed)
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "head_lr": (lambda v: _number(v) and v > 0, "a finite number > 0 (default: --lr)"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "max_grad_norm": (lambda v: _number(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+    "warmup_ratio": (lambda v: _number(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
+    **{k: (lambda v: _integer(v) and v >= 0, "an integer >= 0") for k in ("warmup_steps", "val_size", "seed")},
+    "checkpoint_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: only at epoch ends)"),
+}
 
 # settings that do not change a run's training (a resumed run may differ in these)
 NOT_TRAINING = {"config", "resume", "device", "output", "checkpoint_steps", "eval_batch_size", "eval_dir", "eval_sets"}
@@ -52,14 +80,21 @@ def parse_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, required: Sequence[str]
 ) -> argparse.Namespace:
     """Parse ``argv`` with ``--config`` defaults; fail on unknown YAML keys and on missing ``required`` settings."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineParser(prog=parser.prog, add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
         path = Path(known.config)
         if not path.is_file():
             parser.error(f"--config {path}: no such file")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            parser.error(f"--config {path}: not a readable YAML file ({str(err).splitlines()[0]}{where})")
+        if not isinstance(values, Mapping):
+            parser.error(f"--config {path}: a config must be a YAML mapping of setting: value")
         allowed = {a.dest for a in parser._actions} | set(parser._defaults)
         allowed -= {"help", "config", "neat_overrides", "resume"}
         unknown = sorted(set(values) - allowed)
@@ -67,6 +102,8 @@ def parse_args(
             parser.error(f"{path}: unknown key(s) {unknown}; allowed keys are {', '.join(sorted(allowed))}")
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
+    if not isinstance(args.neat or {}, Mapping):
+        parser.error(f"neat={args.neat!r} is not allowed: a mapping of NeatConfig fields, e.g. {{rank: 8}}")
     args.neat = dict(args.neat or {})
     for item in args.neat_overrides:
         key, sep, value = item.partition("=")
@@ -84,9 +121,39 @@ def parse_args(
             parser.error(f"{action.dest}={value!r} is not allowed: one of {', '.join(map(str, action.choices))}")
     for name in COUNTS:
         value = getattr(args, name, None)
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (not _integer(value) or value < 1):
             parser.error(f"--{name.replace('_', '-')}={value!r} is not allowed: an integer >= 1")
+    for name, (ok, allowed) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            parser.error(f"--{name.replace('_', '-')}={value!r} is not allowed: {allowed}")
+    try:
+        NeatConfig.coerce(args.neat)
+    except ConfigError as err:
+        parser.error(f"--neat / neat: {err}")
+    device_problem = device_problem_of(args.device)
+    if device_problem:
+        parser.error(device_problem)
     return args
+
+
+# what a runner's main reports in one line (`exit_code`); anything else is a bug and keeps its traceback
+USER_ERRORS = (Diverged, ResumeError, AdapterMismatchError, ValueError, OSError)
+
+
+def exit_code(err: BaseException) -> int:
+    """Report a runner's failure in one line on stderr; its exit status (`neat_vision.errors`)."""
+    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    return EXIT_DIVERGED if isinstance(err, Diverged) else EXIT_USAGE
+
+
+def load_pretrained(load: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:
+    """``load(name, ...)`` (a ``from_pretrained``), with a folder or hub name that cannot be loaded said in one line."""
+    try:
+        return load(name, *args, **kwargs)
+    except (OSError, ValueError) as err:  # a missing folder; a name that is neither a folder nor a hub id
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"--model / --tokenizer {name!r} cannot be loaded: {first[:300]}") from err
 
 
 def resolve_device(name: str | None) -> torch.device:

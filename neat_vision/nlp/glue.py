@@ -6,7 +6,8 @@ Trains the tweakers (``--lr``) and the classifier head (``--head-lr``) with Adam
 with ``--warmup-ratio`` warmup, evaluates on the dev set (MNLI: matched) after every epoch and keeps the
 best epoch's adapter in ``<output>/best``. Writes ``results.json`` (best and per-epoch dev metrics),
 ``summary.csv``, TensorBoard events in ``tb/`` and ``checkpoint.pt`` (``--resume`` continues it). Exit
-code 0 on success, 2 on bad settings, 3 when the loss diverged (the last good checkpoint is kept).
+code 0 on success, 2 on a bad setting or file (one ``error:`` line), 3 when the run diverged (non-finite loss,
+gradients or weights; the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -24,15 +25,25 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from ..adapter import trainable_summary
 from ..config import NeatConfig
+from ..errors import OneLineParser
 from .apply import apply_neat, load_tokenizer
-from .cli import DTYPES, add_common_arguments, parse_args, resolve_device, run_config
+from .cli import (
+    DTYPES,
+    USER_ERRORS,
+    add_common_arguments,
+    exit_code,
+    load_pretrained,
+    parse_args,
+    resolve_device,
+    run_config,
+)
 from .glue_data import TASKS, Example, get_task, load_glue
-from .loop import Diverged, LoopSettings, ResumeError, TrainLoop, check_output, make_optimizer, prepare_model
+from .loop import LoopSettings, TrainLoop, check_output, make_optimizer, prepare_model
 from .metrics import TASK_METRICS, glue_metrics, primary_metric
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m neat_vision.nlp.glue", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m neat_vision.nlp.glue", description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
     parser.add_argument("--task", choices=list(TASKS))
     parser.add_argument("--data-dir", help="GLUE TSV folder (<data-dir>/CoLA/train.tsv, ...); default: datasets")
@@ -65,9 +76,12 @@ def train_glue(args: argparse.Namespace) -> dict[str, object]:
     train_examples, dev_examples = load_glue(task, args.data_dir)
     torch.manual_seed(args.seed)
 
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=task.num_labels, **({"dtype": dtype} if dtype is not None else {})
+    tokenizer = load_pretrained(load_tokenizer, args.tokenizer or args.model)
+    model = load_pretrained(
+        AutoModelForSequenceClassification.from_pretrained,
+        args.model,
+        num_labels=task.num_labels,
+        **({"dtype": dtype} if dtype is not None else {}),
     )
     if model.config.pad_token_id is None:  # decoder-only classifiers find the last token through it
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -146,12 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv, required=("task", "lr", "batch_size", "epochs", "output"))
     try:
         results = train_glue(args)
-    except Diverged as err:
-        print(f"diverged: {err}", file=sys.stderr)
-        return 3
-    except (ResumeError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return exit_code(err)
     best = results["best"]
     scores = ", ".join(f"{k} {best[k]:.4f}" for k in TASK_METRICS[args.task])
     print(f"{args.task}: best epoch {best['epoch']}: {scores} -> {args.output}")

@@ -10,7 +10,8 @@ each epoch (the lowest one's adapter goes to ``best/``); the evaluation uses the
 merged into the base weights so that generating costs what the base model costs.
 ``--eval-only --adapter DIR`` evaluates a trained adapter. Writes ``results.json``, ``eval/<name>.json``
 (every response and prediction), ``summary.csv``, ``tb/`` and ``checkpoint.pt`` (``--resume``).
-Exit code 0 on success, 2 on bad settings, 3 when the loss diverged (the last good checkpoint is kept).
+Exit code 0 on success, 2 on a bad setting or file (one ``error:`` line), 3 when the run diverged (non-finite
+loss, gradients or weights; the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -27,17 +28,27 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
-from ..adapter import AdapterMismatchError, merge_and_unload, trainable_summary
+from ..adapter import merge_and_unload, trainable_summary
 from ..config import NeatConfig
+from ..errors import OneLineParser
 from .answers import get_evaluator, reference_answer
 from .apply import apply_neat, load_adapter, load_tokenizer
-from .cli import DTYPES, add_common_arguments, parse_args, resolve_device, run_config
+from .cli import (
+    DTYPES,
+    USER_ERRORS,
+    add_common_arguments,
+    exit_code,
+    load_pretrained,
+    parse_args,
+    resolve_device,
+    run_config,
+)
 from .instruct_data import load_records, pad_batch, prompt, tokenize_record
-from .loop import Diverged, LoopSettings, ResumeError, TrainLoop, check_output, make_optimizer, prepare_model
+from .loop import LoopSettings, TrainLoop, check_output, make_optimizer, prepare_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m neat_vision.nlp.instruct", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m neat_vision.nlp.instruct", description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
     parser.add_argument("--data", help="training records: JSON list or JSON lines of {instruction, input, output}")
     parser.add_argument("--micro-batch-size", type=int, help="examples per forward pass (default: --batch-size)")
@@ -122,8 +133,10 @@ def run_instruct(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, **({"dtype": dtype} if dtype is not None else {}))
+    tokenizer = load_pretrained(load_tokenizer, args.tokenizer or args.model)
+    model = load_pretrained(
+        AutoModelForCausalLM.from_pretrained, args.model, **({"dtype": dtype} if dtype is not None else {})
+    )
     out = Path(args.output)
     results: dict[str, Any] = {}
     if args.eval_only:
@@ -220,12 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(build_parser(), argv, required=("model", "output"))
     try:
         results = run_instruct(args)
-    except Diverged as err:
-        print(f"diverged: {err}", file=sys.stderr)
-        return 3
-    except (AdapterMismatchError, ResumeError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return exit_code(err)
     for name, scored in results["eval"].items():
         print(f"{name}: accuracy {scored['accuracy']:.4f} ({scored['correct']}/{scored['total']})")
     print(f"-> {args.output}")

@@ -55,9 +55,17 @@ def load_records(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no instruction data at {path} (a JSON list of {{instruction, input, output}})")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    raw = json.loads(text) if stripped.startswith("[") else [json.loads(line) for line in text.splitlines() if line]
+    try:
+        text = path.read_text(encoding="utf-8")
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            raw = json.loads(text)
+        else:
+            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON or JSON lines ({err}); expected a list of records") from err
+    if not raw or not all(isinstance(r, Mapping) for r in raw):
+        raise ValueError(f"{path}: expected a non-empty list of {{instruction, input, output}} records")
     records = [{name: _field(r, name) for name in FIELDS} for r in raw]
     for i, record in enumerate(records):
         if not record["instruction"]:

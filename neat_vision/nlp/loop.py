@@ -6,8 +6,9 @@ Written out rather than delegated to the HF ``Trainer`` so that its guarantees a
   scheduler and RNG states and the position (epoch, step, running loss, per-epoch history), so a run
   resumed after a kill continues step for step as the uninterrupted run and ends with the same metrics.
 - Checkpoints are written atomically (temporary file, then rename): a kill never leaves a torn one.
-- A non-finite loss stops the run with `Diverged` before the optimizer step; a checkpoint is written only
-  after a finite step with finite trainable tensors, so the last one on disk is good.
+- A non-finite loss or gradient stops the run with `Diverged` before the optimizer step, and non-finite
+  trainable tensors after a step stop it before they are evaluated or saved (both checks ride on the one host
+  sync per step the loop makes anyway); the checkpoint the message calls good is read back and verified.
 - Accumulation is exact: micro-batch losses are summed, and the gradient is divided by the number of
   loss terms (examples or answer tokens) of the whole batch, as if it were one forward pass.
 """
@@ -27,14 +28,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from ..adapter import atomic_write, neat_parameters, save_adapter
+from ..adapter import atomic_write, neat_parameters, remove_stale_temporaries, save_adapter
+from ..errors import one_line
+from ..finite import checkpoint_nonfinite, nonfinite_flag, nonfinite_names
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "neat-vision-nlp-checkpoint"
 
 
 class Diverged(RuntimeError):
-    """The loss (or a trainable tensor) became NaN or infinite; the last checkpoint is kept."""
+    """The loss, the gradients or a trainable tensor became NaN or infinite; the last checkpoint is kept."""
 
 
 class ResumeError(RuntimeError):
@@ -78,7 +81,11 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 
 def check_output(out: str | Path, resume: bool) -> None:
     """Fail early unless ``out`` holds a checkpoint exactly when resuming (a fresh run never overwrites one)."""
-    path = Path(out) / CHECKPOINT
+    out = Path(out)
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ResumeError(f"--output {out}: {existing} is a file, not a folder; choose another --output")
+    path = out / CHECKPOINT
     if resume and not path.is_file():
         raise ResumeError(f"nothing to resume: no {path}")
     if not resume and path.exists():
@@ -140,6 +147,9 @@ class TrainLoop:
         self.run_config = run_config
         self.progress = Progress()
         self.device = next(model.parameters()).device
+        self.saved_step: int | None = None
+        # 1.0 when the last optimizer step left a non-finite trainable tensor; read at the next host sync
+        self._weights_flag: Tensor | None = None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -149,12 +159,35 @@ class TrainLoop:
         dtype = self.settings.autocast_dtype
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def save_checkpoint(self) -> None:
-        """Write the resume state atomically (refusing non-finite trainable tensors)."""
-        trainable = _trainable(self.model)
-        bad = [name for name, p in trainable.items() if not torch.isfinite(p).all()]
+    def _last_checkpoint_note(self) -> str:
+        """What is on disk to fall back on, verified: the checkpoint is read back and its tensors checked."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet (see --checkpoint-steps)"
+        bad = checkpoint_nonfinite(self.checkpoint_path, ("trainable", "optimizer"))
+        if bad is None:
+            return f"the last checkpoint {self.checkpoint_path} cannot be read back: do not resume from it"
         if bad:
-            raise Diverged(f"trainable tensors became non-finite ({bad[:3]}); the last checkpoint is kept")
+            return f"the last checkpoint {self.checkpoint_path} holds non-finite tensors ({', '.join(bad[:3])})"
+        return f"the last good checkpoint {self.checkpoint_path} (step {self.saved_step}) is kept and verified finite"
+
+    def _weights_error(self, names: list[str]) -> Diverged:
+        p = self.progress
+        which = f" ({', '.join(names[:3])})" if names else ""
+        return Diverged(
+            f"trainable tensors{which} became non-finite in step {p.global_step} (epoch {p.epoch + 1}); stopped "
+            f"before using or saving them; {self._last_checkpoint_note()}. Lower --lr or set --max-grad-norm"
+        )
+
+    def _check_weights(self) -> None:
+        """Stop when the last optimizer step made a trainable tensor non-finite."""
+        flag, self._weights_flag = self._weights_flag, None
+        if flag is not None and flag.item():
+            raise self._weights_error(nonfinite_names(_trainable(self.model)))
+
+    def save_checkpoint(self) -> None:
+        """Write the resume state atomically (after checking that the trainable tensors are finite)."""
+        self._check_weights()
+        trainable = _trainable(self.model)
         state = {
             "format": CHECKPOINT_FORMAT,
             "run_config": self.run_config,
@@ -166,12 +199,18 @@ class TrainLoop:
         }
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        self.saved_step = self.progress.global_step
 
     def load_checkpoint(self) -> None:
         """Restore the state of ``out/checkpoint.pt``; it must come from the same ``run_config``."""
         check_output(self.out, resume=True)
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 (whatever torch.load meets in a torn file)
+            raise ResumeError(
+                f"{self.checkpoint_path} cannot be read ({one_line(err)[:200]}); it is damaged: start a new run"
+            ) from err
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ResumeError(f"{self.checkpoint_path} is not a {CHECKPOINT_FORMAT} file")
         saved = state["run_config"]
         changed = sorted(k for k in set(saved) | set(self.run_config) if saved.get(k) != self.run_config.get(k))
@@ -188,10 +227,13 @@ class TrainLoop:
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
+        self.saved_step = self.progress.global_step
 
     def run(self, resume: bool = False) -> Progress:
         """Train from the start (``out`` must hold no checkpoint) or from ``out/checkpoint.pt``."""
         check_output(self.out, resume)
+        for folder in (self.out, self.out / "best", self.out / "last"):
+            remove_stale_temporaries(folder)
         if resume:
             self.load_checkpoint()
         purge = self.progress.global_step if resume else None
@@ -217,12 +259,20 @@ class TrainLoop:
                 loss.backward()
                 total += loss.detach().float()
                 terms += n
-            step_loss = total.item()
-            if not math.isfinite(step_loss):
+            pending = self._weights_flag if self._weights_flag is not None else torch.zeros((), device=self.device)
+            self._weights_flag = None
+            checks = torch.stack(
+                [total.double(), nonfinite_flag((q.grad for q in trainable), self.device), pending.double()]
+            )
+            step_loss, bad_grads, bad_weights = checks.tolist()  # the loop's one host sync per step
+            if bad_weights:
+                raise self._weights_error(nonfinite_names(_trainable(self.model)))
+            if not math.isfinite(step_loss) or bad_grads:
                 self.optimizer.zero_grad(set_to_none=True)
+                what = f"loss is {step_loss}" if not math.isfinite(step_loss) else "non-finite gradients"
                 raise Diverged(
-                    f"loss is {step_loss} at step {p.global_step + 1} (epoch {p.epoch + 1}); stopped, "
-                    f"the last good checkpoint ({self.checkpoint_path}) is kept"
+                    f"{what} at step {p.global_step + 1} (epoch {p.epoch + 1}): stopped before applying it; "
+                    f"{self._last_checkpoint_note()}. Lower --lr or set --max-grad-norm"
                 )
             for param in trainable:
                 if param.grad is not None:
@@ -232,6 +282,7 @@ class TrainLoop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self._weights_flag = nonfinite_flag(trainable, self.device)
             p.global_step += 1
             p.step_in_epoch += 1
             p.epoch_loss += step_loss
@@ -242,6 +293,7 @@ class TrainLoop:
                 self.save_checkpoint()
 
     def _end_epoch(self, writer: SummaryWriter) -> None:
+        self._check_weights()  # before a non-finite model is evaluated or saved as the best adapter
         s, p = self.settings, self.progress
         row: dict[str, float] = {
             "epoch": p.epoch + 1,

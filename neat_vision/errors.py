@@ -1,0 +1,62 @@
+"""How the command-line tools report a user's mistake: one line on stderr and a documented exit status.
+
+Exit status of ``train.py``, ``python -m neat_vision.nlp.glue`` and ``python -m neat_vision.nlp.instruct``:
+``0`` done; ``2`` a mistake in an option, a config or a file (one ``error: ...`` line naming it);
+``3`` the run diverged (non-finite loss, gradients or weights; the last good checkpoint is kept);
+``1`` anything else (a traceback: a bug to report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import NoReturn
+
+import torch
+
+__all__ = ["EXIT_DIVERGED", "EXIT_USAGE", "OneLineParser", "device_problem_of", "one_line", "report"]
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line (no usage block) pointing at ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+# a DataLoader worker's exception arrives as "Caught X in DataLoader worker ...\nOriginal Traceback ...\nX: msg"
+_WORKER_TRACEBACK = re.compile(r"Original Traceback \(most recent call last\):", re.M)
+
+
+def one_line(err: BaseException | str) -> str:
+    """The message of ``err`` on one line (for an error re-raised from a DataLoader worker: the original one)."""
+    text = str(err)
+    if _WORKER_TRACEBACK.search(text):
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def report(err: BaseException | str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print ``error: <one line>`` to stderr and exit with ``code``."""
+    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def device_problem_of(name: str | None) -> str | None:
+    """Why the ``device`` option ``name`` cannot be used on this machine, or ``None`` (also for ``None``: auto)."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"device={name!r} is not allowed: cpu, cuda, cuda:N (or another torch device type)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"device={name!r} but no CUDA device is available here; use --device cpu"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
