@@ -400,20 +400,30 @@ class TweakerBatcher:
         self._scan()
 
     def _scan(self) -> None:
-        self.entries = []  # (parent, attribute, layer): checked each forward, rescanned if replaced
+        self.entries = []  # (parent, attribute, layer) of each adapted layer
+        # every (parent, attribute, child) link from the model down to an adapted layer, checked each forward:
+        # a wrapper put around any module on the way (checkpoint_wrapper, FSDP) makes the batcher scan again
+        self.links: list[tuple[nn.Module, str, nn.Module]] = []
         # modules carrying timm's (grad_checkpointing) or Hugging Face's (gradient_checkpointing) switch
         self.checkpointing_flags = [
             m for m in self.model.modules() if hasattr(m, "grad_checkpointing") or hasattr(m, "gradient_checkpointing")
         ]
         # torch's checkpoint_wrapper (and wrappers like it) recompute their module in the backward
         self.checkpoint_wrapped = any("Checkpoint" in type(m).__name__ for m in self.model.modules())
+        links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
         for name, module in self.model.named_modules():
             if isinstance(module, AdaptedLinear):
+                parent = self.model
+                for attr in name.split("."):
+                    child = parent._modules[attr]
+                    links[(id(parent), attr)] = (parent, attr, child)
+                    parent = child
                 parent_name, _, attr = name.rpartition(".")
                 self.entries.append((self.model.get_submodule(parent_name), attr, module))
+        self.links = list(links.values())
 
     def layers(self) -> list[AdaptedLinear]:
-        if any(parent._modules.get(attr) is not layer for parent, attr, layer in self.entries):
+        if any(parent._modules.get(attr) is not child for parent, attr, child in self.links):
             self._scan()
         return [layer for _, _, layer in self.entries]
 
@@ -425,10 +435,13 @@ class TweakerBatcher:
         )
 
     def pre_hook(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling() or self._checkpointing():
+        if torch.compiler.is_compiling():
+            return
+        layers = self.layers()  # rescans first if a module on the way was wrapped or replaced
+        if self._checkpointing():
             return
         groups: dict[tuple, list[AdaptedLinear]] = {}
-        for layer in self.layers():
+        for layer in layers:
             key = layer._batch_key()
             if key is not None:
                 groups.setdefault(key, []).append(layer)
