@@ -129,11 +129,11 @@ class JobArray:
 
     def run(self) -> list[str]:
         """Submit, wait for every job, return the names of the runs that failed."""
-        jobs_of = [PointJob(point_command(self.study, p, absolute=True), log_path(self.study, p)) for p in self.pending]
-        if not jobs_of:
+        work = [PointJob(point_command(self.study, p, absolute=True), log_path(self.study, p)) for p in self.pending]
+        if not work:
             return []
         submitted = time.monotonic()
-        jobs = self.executor.submit_array(jobs_of)
+        jobs = self.executor.submit_array(work)
         ids = jobs[0].job_id if len(jobs) == 1 else f"{jobs[0].job_id} .. {jobs[-1].job_id}"
         print(f"[study] submitted {len(jobs)} job(s): {ids}; submitit files in {self.executor.folder}", flush=True)
         left = dict(enumerate(jobs))
@@ -162,6 +162,11 @@ class JobArray:
         except KeyboardInterrupt:
             for job in left.values():
                 job.cancel(check=False)
+            deadline = time.monotonic() + 30
+            while self.cluster == "local" and time.monotonic() < deadline:  # our own children: let them stop
+                if all(job.done() for job in left.values()):
+                    break
+                time.sleep(0.2)
             print(f"[study] interrupted: cancelled {len(left)} job(s)", flush=True)
             raise
         return self.progress.failed

@@ -346,3 +346,56 @@ def test_submitit_options_are_checked_before_anything_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "8 to run as submitit local jobs" in out and out.count("--experiment neat_depth=") == 8
     assert not invocations(tmp_path) and not (tmp_path / "out" / "logs").exists()
+
+
+def test_compare_takes_the_executor_too(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    from neat_vision import compare
+
+    study = yaml.safe_load(write_study(tmp_path).read_text())
+    methods = dict(neat=dict(method="neat", neat_depth=2, neat_act="relu", lr=[0.001, 0.002]))
+    config = dict(title="fake", base_config=str(tmp_path / "configs" / "base.yaml"), methods=methods)
+    config.update(seeds=[0], output=study["output"], train_command=study["train_command"], slurm=dict(timeout_min=10))
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        compare.main(["--config", str(path), "--executor", "ray"])
+    assert "study executor='ray' is not allowed" in capsys.readouterr().err
+    report = ["--config", str(path), "--executor", "submitit-local", "--output", str(tmp_path / "report")]
+    assert compare.main(report) == 0
+    assert "submitted 2 job(s)" in capsys.readouterr().out and len(_runs_of(tmp_path / "out")) == 2
+    assert "| neat | 270 | 300 | 0.002 | 57.00 | 56.00 ± 0.00 | 1 |" in (tmp_path / "report" / "compare.md").read_text()
+
+
+def test_interrupting_a_submitit_study_cancels_its_jobs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("submitit")
+    import _thread
+
+    path = write_study(tmp_path, grid=dict(neat_depth=[2], neat_act=["relu"]), seeds=[0], slurm=dict(timeout_min=60))
+    name = "neat_depth=2__neat_act=relu__seed=0"
+    monkeypatch.setenv("FAKE_WAIT", name)
+    pids = tmp_path / "out" / name / "pids"
+
+    def interrupt():
+        deadline = time.monotonic() + 60
+        while not pids.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _thread.interrupt_main()  # Ctrl-C in the study process
+
+    thread = threading.Thread(target=interrupt)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        main(["--config", str(path), "--executor", "submitit-local"])
+    thread.join()
+    assert "interrupted: cancelled 1 job(s)" in capsys.readouterr().out
+    run = int(pids.read_text().split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # cancelling stops the job, which stops its run
+        try:
+            os.kill(run, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the run (pid {run}) still runs after its job was cancelled")
+    assert not (tmp_path / "out" / name / "final.json").exists()
