@@ -129,7 +129,14 @@ def _plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_compare(configs: Sequence[str], *, gpus: Sequence[int] | None, report_only: bool, output: str | None) -> int:
+def run_compare(
+    configs: Sequence[str],
+    *,
+    gpus: Sequence[int] | None,
+    report_only: bool,
+    output: str | None,
+    executor: str | None = None,
+) -> int:
     """Run (or only report) each compare file; write the combined report next to the first one's output."""
     results, code, out_dir = {}, 0, None
     for config in configs:
@@ -138,7 +145,7 @@ def run_compare(configs: Sequence[str], *, gpus: Sequence[int] | None, report_on
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=path.parent, delete=False) as tmp:
             yaml.safe_dump(study_file(compare, path), tmp)
         try:
-            study = load_study(tmp.name, gpus=gpus)
+            study = load_study(tmp.name, gpus=gpus, executor=executor)
         finally:
             Path(tmp.name).unlink()
         if not report_only:
@@ -173,10 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-c", "--config", nargs="+", required=True, help="compare YAML file(s)")
     parser.add_argument("--gpus", type=int, nargs="+", default=None, help="device ids (repeat one for parallel runs)")
     parser.add_argument("--output", default=None, help="folder of the combined report")
+    parser.add_argument("--executor", default=None, help="local, slurm or submitit-local (see neat_vision.study)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     args = parser.parse_args(argv)
     try:
-        return run_compare(args.config, gpus=args.gpus, report_only=args.report_only, output=args.output)
+        return run_compare(
+            args.config, gpus=args.gpus, report_only=args.report_only, output=args.output, executor=args.executor
+        )
     except StudyError as err:
         parser.error(str(err))
 

@@ -1,4 +1,4 @@
-"""Sensitivity studies: a grid of normal training runs, resumable, sequential or spread over GPUs.
+"""Sensitivity studies: a grid of normal training runs, resumable, on this machine or as Slurm jobs.
 
 ``python -m neat_vision.study --config configs/studies/depth.yaml``. A study file holds:
 
@@ -9,7 +9,10 @@
   (``{neat_act: sin, lr_neat: 1.0e-3}``; an optional ``label`` key names it);
 - ``seeds`` (default ``[0]``), ``output`` (the study folder), ``gpus`` (device ids: one run per GPU at a
   time through ``CUDA_VISIBLE_DEVICES``; default: one run after another), ``train_command`` (default: this
-  repository's ``train.py`` with the current Python).
+  repository's ``train.py`` with the current Python);
+- ``executor``: ``local`` (default: this process starts the runs), ``slurm`` (one submitit job array on a
+  Slurm cluster, see `neat_vision.cluster`) or ``submitit-local`` (the same jobs through submitit's local
+  executor, to try a cluster study on this machine); ``slurm``: the jobs' resources (``SLURM_KEYS``).
 
 Each run gets ``<output>/points/<name>.yaml`` (``base:`` plus its options) and trains with
 ``train_command --config <that> --output <output> --experiment <name> --resume auto`` into
@@ -33,18 +36,58 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STUDY_KEYS = ("base_config", "overrides", "grid", "seeds", "output", "gpus", "train_command")
+STUDY_KEYS = ("base_config", "overrides", "grid", "seeds", "output", "gpus", "train_command", "executor", "slurm")
+EXECUTORS = {
+    "local": "this process runs them (the default)",
+    "slurm": "a submitit job array on a Slurm cluster",
+    "submitit-local": "the same submitit jobs on this machine, all at once",
+}
 RUNNER_OPTIONS = ("seed", "output", "experiment", "resume", "config", "base")  # the runner sets these
 METRICS = (("best_val_top1", "best val top-1"), ("test_top1", "test top-1"))
 RESULT_KEYS = ("trainable_params", "neat_params", "val_top1", "best_val_top1", "test_top1", "wall_time_s")
+
+
+def _whole(low: int) -> Callable[[Any], bool]:
+    return lambda v: type(v) is int and v >= low
+
+
+# slurm: key -> (check, what is allowed); submitit applies them to every job (see neat_vision.cluster)
+SLURM_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "timeout_min": (_whole(1), "the time limit of one run in minutes, an integer >= 1 (required off local)"),
+    "partition": (lambda v: isinstance(v, str) and bool(v), "a Slurm partition name"),
+    "gpus_per_node": (_whole(0), "GPUs per run, an integer >= 0"),
+    "cpus_per_task": (_whole(1), "CPU cores per run, an integer >= 1"),
+    "mem_gb": (lambda v: type(v) in (int, float) and v > 0, "memory per run in GB, a number > 0"),
+    "array_parallelism": (_whole(1), "how many runs of the array may run at once, an integer >= 1"),
+    "max_num_timeout": (_whole(0), "how often a run that reaches its time limit is requeued, an integer >= 0"),
+    "folder": (lambda v: isinstance(v, str) and bool(v), "submitit's folder for job files and logs"),
+    "parameters": (
+        lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
+        "a mapping of further submitit parameters (update_parameters names: slurm_account, slurm_qos, ...)",
+    ),
+}
+# submitit parameters that the keys above set, and those that would start a run more than once
+SLURM_SET = {
+    "timeout_min": "timeout_min",
+    "slurm_time": "timeout_min",
+    "slurm_partition": "partition",
+    "gpus_per_node": "gpus_per_node",
+    "slurm_gpus_per_node": "gpus_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "slurm_cpus_per_task": "cpus_per_task",
+    "mem_gb": "mem_gb",
+    "slurm_mem": "mem_gb",
+    "slurm_array_parallelism": "array_parallelism",
+}
+ONE_TASK = ("nodes", "tasks_per_node", "slurm_nodes", "slurm_ntasks_per_node", "slurm_ntasks")
 
 
 class StudyError(ValueError):
@@ -97,6 +140,8 @@ class Study:
     output: Path
     gpus: tuple[int, ...] | None
     train_command: tuple[str, ...]
+    executor: str = "local"
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     @property
     def default_command(self) -> bool:
@@ -179,12 +224,34 @@ def _axis(name: str, values: Any) -> Axis:
     return Axis(name, tuple(entries), tuple(labels))
 
 
+def _slurm(value: Any, executor: str) -> dict[str, Any]:
+    """The validated ``slurm`` mapping (submitit checks the names inside ``parameters`` when it starts)."""
+    if not isinstance(value, Mapping):
+        _fail("slurm", value, f"a mapping with keys {', '.join(SLURM_KEYS)}")
+    unknown = sorted(set(value) - set(SLURM_KEYS))
+    if unknown:
+        raise StudyError(f"unknown slurm key(s) {unknown}: allowed keys are {', '.join(SLURM_KEYS)}")
+    for key, v in value.items():
+        check, allowed = SLURM_KEYS[key]
+        if not check(v):
+            _fail(f"slurm.{key}", v, allowed)
+    for key, v in (value.get("parameters") or {}).items():
+        if key in SLURM_SET:
+            _fail(f"slurm.parameters.{key}", v, f"set by the study: use slurm.{SLURM_SET[key]}")
+        if key in ONE_TASK:
+            _fail(f"slurm.parameters.{key}", v, "one process per run (a multi-GPU run: train_command: torchrun ...)")
+    if executor != "local" and "timeout_min" not in value:
+        _fail("slurm.timeout_min", None, f"required with executor {executor}: {SLURM_KEYS['timeout_min'][1]}")
+    return dict(value)
+
+
 def load_study(
     path: str | os.PathLike,
     *,
     output: str | None = None,
     gpus: Sequence[int] | None = None,
     train_command: str | Sequence[str] | None = None,
+    executor: str | None = None,
 ) -> Study:
     """Read and validate a study file; the keyword arguments override its keys."""
     file = Path(path).resolve()
@@ -215,6 +282,12 @@ def load_study(
         gpu_ids = [gpu_ids] if isinstance(gpu_ids, int) else gpu_ids
         if not isinstance(gpu_ids, (list, tuple)) or not gpu_ids or not all(isinstance(g, int) for g in gpu_ids):
             _fail("gpus", gpu_ids, "a list of device ids such as [0, 1], or none for one run after another")
+    engine = executor if executor is not None else data.get("executor", "local")
+    if engine not in EXECUTORS:
+        _fail("executor", engine, "; ".join(f"{k} ({v})" for k, v in EXECUTORS.items()))
+    if engine != "local" and gpu_ids is not None:
+        _fail("gpus", gpu_ids, f"only with executor local (executor {engine} takes slurm.gpus_per_node)")
+    slurm = _slurm(data.get("slurm") or {}, engine)
     command = train_command if train_command is not None else data.get("train_command")
     command = shlex.split(command) if isinstance(command, str) else command
     if command is not None and (not isinstance(command, (list, tuple)) or not command):
@@ -227,6 +300,8 @@ def load_study(
         output=Path(out),
         gpus=None if gpu_ids is None else tuple(gpu_ids),
         train_command=tuple(str(c) for c in command) if command else _default_command(),
+        executor=engine,
+        slurm=slurm,
     )
 
 
@@ -250,6 +325,22 @@ def read_result(study: Study, point: Point) -> dict[str, Any] | None:
     return json.loads(file.read_text())
 
 
+def point_command(study: Study, point: Point, *, absolute: bool = False) -> list[str]:
+    """Write the point's config and return its training command (absolute paths for jobs run elsewhere)."""
+    config, output = write_point_config(study, point), study.output
+    if absolute:
+        config, output = config.resolve(), output.resolve()
+    cmd = [*study.train_command, "--config", str(config), "--output", str(output)]
+    return cmd + ["--experiment", point.name, "--resume", "auto"]
+
+
+def log_path(study: Study, point: Point) -> Path:
+    """``<output>/logs/<name>.log``: the run's output, appended to on every attempt."""
+    logs = study.output / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / f"{point.name}.log"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
@@ -261,39 +352,60 @@ def _metric_text(result: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+class Progress:
+    """Outcome lines with an ETA, shared by the local runner and the submitit jobs (`neat_vision.cluster`)."""
+
+    def __init__(self, study: Study, total: int, slots: int) -> None:
+        self.study = study
+        self.total = total
+        self.slots = max(1, slots)
+        self.durations: list[float] = []
+        self.failed: list[str] = []
+
+    def _eta(self) -> str:
+        left = self.total - len(self.durations) - len(self.failed)
+        if not self.durations or left <= 0:
+            return ""
+        mean = sum(self.durations) / len(self.durations)
+        return f" | {left} left, ETA {_duration(mean * math.ceil(left / self.slots))}"
+
+    def finish(self, index: int, point: Point, code: int | None, took: float, why: str | None = None) -> None:
+        """Record a run that ended with exit ``code`` (``None``: it never exited, ``why`` says what happened)."""
+        result = read_result(self.study, point)
+        if code == 0 and result is not None:
+            self.durations.append(took)
+            msg = f"done in {_duration(took)}: {_metric_text(result)}"
+        else:
+            self.failed.append(point.name)
+            why = why or (f"exit code {code}" if code else "no final.json")
+            log = log_path(self.study, point)
+            tail = "".join(log.read_text().splitlines(keepends=True)[-15:]) if log.is_file() else ""
+            msg = f"FAILED ({why}) after {_duration(took)}; log {log}:\n{tail}"
+        print(f"[study] {index}/{self.total} {point.name} {msg}{self._eta()}", flush=True)
+
+
 class _Runner:
     """Runs pending points on worker slots (one per GPU, or one slot), printing progress with an ETA."""
 
     def __init__(self, study: Study, pending: list[Point]) -> None:
         self.study = study
         self.queue = list(pending)
-        self.total = len(pending)
+        self.slots = study.gpus or (None,)
+        self.progress = Progress(study, len(pending), len(self.slots))
         self.started = 0
-        self.durations: list[float] = []
-        self.failed: list[str] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.procs: set[subprocess.Popen] = set()
 
-    def _eta(self, slots: int) -> str:
-        left = self.total - len(self.durations) - len(self.failed)
-        if not self.durations or left <= 0:
-            return ""
-        mean = sum(self.durations) / len(self.durations)
-        return f" | {left} left, ETA {_duration(mean * math.ceil(left / slots))}"
+    def describe(self) -> str:
+        return "one after another" if self.study.gpus is None else f"on GPUs {', '.join(map(str, self.study.gpus))}"
 
-    def _launch(self, point: Point, gpu: int | None) -> tuple[int, Path]:
-        study = self.study
-        config = write_point_config(study, point)
-        logs = study.output / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        log = logs / f"{point.name}.log"
-        cmd = [*study.train_command, "--config", str(config), "--output", str(study.output)]
-        cmd += ["--experiment", point.name, "--resume", "auto"]
+    def _launch(self, point: Point, gpu: int | None) -> int:
+        cmd = point_command(self.study, point)
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        with open(log, "a") as out:
+        with open(log_path(self.study, point), "a") as out:
             out.write(f"$ {shlex.join(cmd)}\n")
             out.flush()
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -302,9 +414,9 @@ class _Runner:
             code = proc.wait()
             with self.lock:
                 self.procs.discard(proc)
-        return code, log
+        return code
 
-    def _worker(self, gpu: int | None, slots: int) -> None:
+    def _worker(self, gpu: int | None) -> None:
         while not self.stop.is_set():
             with self.lock:
                 if not self.queue:
@@ -313,26 +425,15 @@ class _Runner:
                 self.started += 1
                 index = self.started
             where = "" if gpu is None else f" on GPU {gpu}"
-            print(f"[study] {index}/{self.total} start {point.name}{where}", flush=True)
+            print(f"[study] {index}/{self.progress.total} start {point.name}{where}", flush=True)
             start = time.monotonic()
-            code, log = self._launch(point, gpu)
-            took = time.monotonic() - start
-            result = read_result(self.study, point)
+            code = self._launch(point, gpu)
             with self.lock:
-                if code == 0 and result is not None:
-                    self.durations.append(took)
-                    msg = f"done in {_duration(took)}: {_metric_text(result)}"
-                else:
-                    self.failed.append(point.name)
-                    why = f"exit code {code}" if code else "no final.json"
-                    tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-                    msg = f"FAILED ({why}) after {_duration(took)}; log {log}:\n{tail}"
-                print(f"[study] {index}/{self.total} {point.name} {msg}{self._eta(slots)}", flush=True)
+                self.progress.finish(index, point, code, time.monotonic() - start)
 
     def run(self) -> list[str]:
         """Run every pending point; return the names of those that failed."""
-        gpus = self.study.gpus or (None,)
-        threads = [threading.Thread(target=self._worker, args=(g, len(gpus)), daemon=True) for g in gpus]
+        threads = [threading.Thread(target=self._worker, args=(g,), daemon=True) for g in self.slots]
         for t in threads:
             t.start()
         try:
@@ -345,7 +446,7 @@ class _Runner:
                 for proc in self.procs:
                     proc.terminate()
             raise
-        return self.failed
+        return self.progress.failed
 
 
 def _rows(study: Study, points: list[Point]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -513,6 +614,19 @@ def _check_with_engine(study: Study, points: list[Point]) -> None:
             raise StudyError(f"run {point.name}: {err}") from err
 
 
+def _runner(study: Study, pending: list[Point]) -> Any:
+    """The study's executor, set up (and, for submitit, checked) before any run starts."""
+    if study.executor == "local":
+        return _Runner(study, pending)
+    try:
+        from neat_vision import cluster
+    except ModuleNotFoundError as err:
+        raise StudyError(
+            f"study executor={study.executor!r} needs submitit ({err}): pip install 'neat-vision[cluster]'"
+        ) from None
+    return cluster.JobArray(study, pending)
+
+
 def run_study(study: Study, *, dry_run: bool = False) -> int:
     """Run the study's unfinished points, then report; return 0, or 1 when some run failed."""
     if study.default_command and not Path(study.train_command[1]).is_file():
@@ -521,18 +635,17 @@ def run_study(study: Study, *, dry_run: bool = False) -> int:
     if study.default_command:
         _check_with_engine(study, points)
     pending = [p for p in points if read_result(study, p) is None]
-    slots = "one after another" if study.gpus is None else f"on GPUs {', '.join(map(str, study.gpus))}"
+    runner = _runner(study, pending)
     print(
         f"[study] {study.file.name}: {len(points)} runs, {len(points) - len(pending)} finished, "
-        f"{len(pending)} to run {slots} -> {study.output}",
+        f"{len(pending)} to run {runner.describe()} -> {study.output}",
         flush=True,
     )
     if dry_run:
         for point in pending:
-            config = write_point_config(study, point)
-            print(f"  {shlex.join([*study.train_command, '--config', str(config), '--experiment', point.name])}")
+            print(f"  {shlex.join(point_command(study, point))}")
         return 0
-    failed = _Runner(study, pending).run()
+    failed = runner.run()
     out = report(study)
     if out["runs"]:
         print(f"[study] {out['runs']} finished runs -> {out['csv']}, {out['markdown']}, {len(out['plots'])} plot(s)")
@@ -551,11 +664,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="study folder (overrides the file's output)")
     parser.add_argument("--gpus", type=int, nargs="+", default=None, help="device ids to spread the runs over")
     parser.add_argument("--train-command", default=None, help="training command (default: python train.py)")
+    parser.add_argument(
+        "--executor", default=None, help=f"where the runs go (overrides the file's executor): {', '.join(EXECUTORS)}"
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs still to do and exit")
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plots, run nothing")
     args = parser.parse_args(argv)
     try:
-        study = load_study(args.config, output=args.output, gpus=args.gpus, train_command=args.train_command)
+        study = load_study(
+            args.config,
+            output=args.output,
+            gpus=args.gpus,
+            train_command=args.train_command,
+            executor=args.executor,
+        )
         if args.report_only:
             out = report(study)
             print(out.get("table", "no finished runs\n"), end="")

@@ -1,21 +1,26 @@
-"""The study runner end to end with a stand-in training script, and its validation."""
+"""The study runner end to end with a stand-in training script (locally and through submitit), its validation."""
 
 import csv
+import os
+import shutil
+import signal
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from neat_vision.study import StudyError, load_study, main, write_point_config
+from neat_vision.study import StudyError, load_study, main, run_study, write_point_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 # honours train.py's study interface: --config (with base: chains), --output, --experiment, --resume auto
 FAKE_TRAIN = textwrap.dedent(
     """
-    import argparse, json, os, sys
+    import argparse, json, os, sys, time
     from pathlib import Path
     import yaml
 
@@ -39,6 +44,12 @@ FAKE_TRAIN = textwrap.dedent(
     if os.environ.get("FAKE_CRASH") == args.experiment and not resumed:
         (run / "partial").write_text("interrupted")
         sys.exit(3)
+    if os.environ.get("FAKE_WAIT") == args.experiment and not resumed:  # wait to be preempted
+        (run / "partial").write_text("interrupted")
+        (run / "pids.tmp").write_text(f"{os.getpid()} {os.getppid()}")
+        os.replace(run / "pids.tmp", run / "pids")
+        time.sleep(60)
+        sys.exit(4)
     acc = 50 + 3 * cfg["neat_depth"] + (5 if cfg["neat_act"] == "sin" else 0) + cfg["seed"] + 1000 * cfg["lr_neat"]
     final = dict(val_top1=acc - 1, best_val_top1=acc, test_top1=acc - 2, trainable_params=100 * cfg["neat_rank"],
                  neat_params=90 * cfg["neat_rank"], wall_time_s=1.5, resumed=resumed)
@@ -164,6 +175,17 @@ def test_dry_run_runs_nothing(tmp_path, capsys):
         (dict(gpus="all"), r"study gpus='all' is not allowed: a list of device ids"),
         (dict(base_config=3), r"study file.base_config=3 is not allowed: a path to a training config"),
         (dict(base_config=None), r"has no base_config"),
+        (dict(executor="ray"), r"study executor='ray' is not allowed: local \(this process runs them.*; slurm \("),
+        (dict(slurm=dict(partiton="gpu")), r"unknown slurm key\(s\) \['partiton'\]: allowed keys are timeout_min,"),
+        (dict(slurm=dict(timeout_min="2h")), r"study slurm.timeout_min='2h' is not allowed: the time limit of one run"),
+        (dict(slurm=dict(mem_gb=0)), r"study slurm.mem_gb=0 is not allowed: memory per run in GB, a number > 0"),
+        (dict(executor="slurm"), r"study slurm.timeout_min=None is not allowed: required with executor slurm"),
+        (dict(executor="submitit-local", gpus=[0]), r"study gpus=\[0\] is not allowed: only with executor local"),
+        (
+            dict(slurm=dict(parameters=dict(slurm_partition="gpu"))),
+            r"study slurm.parameters.slurm_partition='gpu' is not allowed: set by the study: use slurm.partition",
+        ),
+        (dict(slurm=dict(parameters=dict(nodes=2))), r"study slurm.parameters.nodes=2 is not allowed: one process per"),
     ],
 )
 def test_study_errors_name_key_value_allowed(tmp_path, changes, match):
@@ -180,9 +202,12 @@ def test_shipped_study_configs_load():
         assert points and all(p.options.get("base_config", study.overrides.get("base_config")) for p in points)
 
 
-@pytest.mark.skipif(not (REPO / "train.py").is_file(), reason="the training engine (train.py) is not here")
-def test_study_with_the_real_engine(tmp_path, capsys):
-    """LoRA and FourierFT through train.py on the digits data (tiny ViT, two steps), then a rerun that skips."""
+@pytest.fixture(scope="module")
+def real_engine_study(tmp_path_factory):
+    """LoRA and FourierFT through train.py on the digits data (tiny ViT, two steps), run by the local runner."""
+    if not (REPO / "train.py").is_file():
+        pytest.skip("the training engine (train.py) is not here")
+    tmp_path = tmp_path_factory.mktemp("real_engine")
     base = dict(
         model="vit_tiny_patch16_224",
         pretrained=False,
@@ -201,9 +226,22 @@ def test_study_with_the_real_engine(tmp_path, capsys):
         overrides=dict(lora_rank=2, fourier_n=40),
         grid=dict(method=["lora", "fourierft"]),
         output=str(tmp_path / "out"),
+        slurm=dict(timeout_min=10),
     )
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     assert main(["--config", str(tmp_path / "study.yaml")]) == 0
+    return tmp_path
+
+
+def _results(folder):
+    """results.csv without the wall-clock column."""
+    return [
+        {k: v for k, v in row.items() if k != "wall_time_s"} for row in csv.DictReader(open(folder / "results.csv"))
+    ]
+
+
+def test_study_with_the_real_engine(real_engine_study, capsys):
+    tmp_path = real_engine_study
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
     assert rows["lora"]["trainable_params"] == str(2 * 2 * 2 * (192 + 192) + 192 * 10 + 10)
     assert rows["fourierft"]["trainable_params"] == str(2 * 2 * 40 + 192 * 10 + 10)
@@ -214,3 +252,150 @@ def test_study_with_the_real_engine(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--config", str(tmp_path / "study.yaml")]) == 0
     assert "2 runs, 2 finished, 0 to run" in capsys.readouterr().out
+
+
+def test_real_engine_study_through_submitit_matches_the_local_runner(real_engine_study, capsys):
+    """The same study file as submitit jobs (its local executor) next to a finished run: skip it, train the other."""
+    pytest.importorskip("submitit")
+    tmp_path = real_engine_study
+    shutil.copytree(tmp_path / "out" / "method=fourierft__seed=0", tmp_path / "cluster" / "method=fourierft__seed=0")
+    cluster = ["--config", str(tmp_path / "study.yaml"), "--executor", "submitit-local", "--output"]
+    assert main([*cluster, str(tmp_path / "cluster")]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs, 1 finished, 1 to run as submitit local jobs" in out and "submitted 1 job(s)" in out
+    assert _results(tmp_path / "cluster") == _results(tmp_path / "out")
+
+
+def _runs_of(folder):
+    file = folder / "invocations.txt"
+    return [line.split()[0] for line in file.read_text().splitlines()] if file.exists() else []
+
+
+def test_submitit_local_skips_resumes_and_matches_the_local_runner(tmp_path, monkeypatch, capsys):
+    """The cluster path (submitit's local executor standing in for Slurm) on the same study file."""
+    pytest.importorskip("submitit")
+    path = write_study(tmp_path, seeds=[0], slurm=dict(timeout_min=10, parameters=dict(slurm_account="lab")))
+    cluster = ["--config", str(path), "--executor", "submitit-local"]
+    crash = "neat_depth=4__neat_act=sin__seed=0"
+    monkeypatch.setenv("FAKE_CRASH", crash)
+    assert main(cluster) == 1
+    out = capsys.readouterr().out
+    assert "4 runs, 0 finished, 4 to run as submitit local jobs (all at once)" in out and "submitted 4 job(s)" in out
+    assert f"{crash} FAILED (exit code 3)" in out and "ETA" in out
+    assert len(_runs_of(tmp_path / "out")) == 4
+
+    monkeypatch.delenv("FAKE_CRASH")
+    assert main(cluster) == 0
+    out = capsys.readouterr().out
+    assert "4 runs, 3 finished, 1 to run" in out and "submitted 1 job(s)" in out
+    assert _runs_of(tmp_path / "out")[4:] == [crash]  # only the interrupted run, which resumed
+    assert yaml.safe_load((tmp_path / "out" / crash / "final.json").read_text())["resumed"] is True
+    log = (tmp_path / "out" / "logs" / f"{crash}.log").read_text().splitlines()
+    assert [line.split("--experiment ")[1] for line in log if line.startswith("$ ")] == [f"{crash} --resume auto"] * 2
+
+    assert main(cluster) == 0  # everything finished: nothing is submitted
+    out = capsys.readouterr().out
+    assert "4 runs, 4 finished, 0 to run" in out and "submitted" not in out and len(_runs_of(tmp_path / "out")) == 5
+
+    assert main(["--config", str(path), "--output", str(tmp_path / "local")]) == 0  # the embedded runner
+    for name in ("results.csv", "results.md"):
+        assert (tmp_path / "out" / name).read_text() == (tmp_path / "local" / name).read_text()
+
+
+def test_submitit_requeues_a_preempted_run(tmp_path, monkeypatch):
+    """submitit's preemption signal: the job requeues itself, the run is stopped and resumes in the new attempt."""
+    pytest.importorskip("submitit")
+    path = write_study(tmp_path, grid=dict(neat_depth=[2], neat_act=["relu"]), seeds=[0], slurm=dict(timeout_min=60))
+    name = "neat_depth=2__neat_act=relu__seed=0"
+    monkeypatch.setenv("FAKE_WAIT", name)
+    pids = tmp_path / "out" / name / "pids"
+
+    def preempt():
+        deadline = time.monotonic() + 60
+        while not pids.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(int(pids.read_text().split()[1]), signal.SIGUSR2)  # to the job process, as Slurm signals it
+
+    thread = threading.Thread(target=preempt)
+    thread.start()
+    assert main(["--config", str(path), "--executor", "submitit-local"]) == 0
+    thread.join()
+    assert _runs_of(tmp_path / "out") == [name, name]
+    assert yaml.safe_load((tmp_path / "out" / name / "final.json").read_text())["resumed"] is True
+    with pytest.raises(ProcessLookupError):  # the interrupted attempt's run was stopped, not left running
+        os.kill(int(pids.read_text().split()[0]), 0)
+    logs = "".join(f.read_text() for f in (tmp_path / "out" / "submitit").rglob("*.err"))
+    assert "Caught signal SIGUSR2" in logs and "this job is preempted" in logs
+
+
+def test_submitit_options_are_checked_before_anything_runs(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    slurm = dict(timeout_min=10, parameters=dict(slurm_partitoin="gpu"))
+    path = write_study(tmp_path, executor="submitit-local", slurm=slurm)
+    with pytest.raises(SystemExit):
+        main(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert "study slurm.parameters.slurm_partitoin='gpu' is not allowed: Unknown argument 'partitoin'" in err
+    assert "Valid arguments: " in err and "partition" in err
+    assert not invocations(tmp_path) and not (tmp_path / "out" / "logs").exists()
+    path = write_study(tmp_path, slurm=dict(timeout_min=10))
+    if shutil.which("srun") is None:
+        with pytest.raises(StudyError, match=r"executor='slurm' cannot start here: Could not detect \"srun\""):
+            run_study(load_study(path, executor="slurm"))
+    assert main(["--config", str(path), "--executor", "submitit-local", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 to run as submitit local jobs" in out and out.count("--experiment neat_depth=") == 8
+    assert not invocations(tmp_path) and not (tmp_path / "out" / "logs").exists()
+
+
+def test_compare_takes_the_executor_too(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    from neat_vision import compare
+
+    study = yaml.safe_load(write_study(tmp_path).read_text())
+    methods = dict(neat=dict(method="neat", neat_depth=2, neat_act="relu", lr=[0.001, 0.002]))
+    config = dict(title="fake", base_config=str(tmp_path / "configs" / "base.yaml"), methods=methods)
+    config.update(seeds=[0], output=study["output"], train_command=study["train_command"], slurm=dict(timeout_min=10))
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        compare.main(["--config", str(path), "--executor", "ray"])
+    assert "study executor='ray' is not allowed" in capsys.readouterr().err
+    report = ["--config", str(path), "--executor", "submitit-local", "--output", str(tmp_path / "report")]
+    assert compare.main(report) == 0
+    assert "submitted 2 job(s)" in capsys.readouterr().out and len(_runs_of(tmp_path / "out")) == 2
+    assert "| neat | 270 | 300 | 0.002 | 57.00 | 56.00 ± 0.00 | 1 |" in (tmp_path / "report" / "compare.md").read_text()
+
+
+def test_interrupting_a_submitit_study_cancels_its_jobs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("submitit")
+    import _thread
+
+    path = write_study(tmp_path, grid=dict(neat_depth=[2], neat_act=["relu"]), seeds=[0], slurm=dict(timeout_min=60))
+    name = "neat_depth=2__neat_act=relu__seed=0"
+    monkeypatch.setenv("FAKE_WAIT", name)
+    pids = tmp_path / "out" / name / "pids"
+
+    def interrupt():
+        deadline = time.monotonic() + 60
+        while not pids.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _thread.interrupt_main()  # Ctrl-C in the study process
+
+    thread = threading.Thread(target=interrupt)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        main(["--config", str(path), "--executor", "submitit-local"])
+    thread.join()
+    assert "interrupted: cancelled 1 job(s)" in capsys.readouterr().out
+    run = int(pids.read_text().split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # cancelling stops the job, which stops its run
+        try:
+            os.kill(run, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the run (pid {run}) still runs after its job was cancelled")
+    assert not (tmp_path / "out" / name / "final.json").exists()
