@@ -49,6 +49,13 @@ def test_yaml_sets_defaults_with_types_and_cli_overrides(tmp_path: Path) -> None
     assert parse_args(["--config", str(cfg), "--lr-neat", "1e-2"]).lr_neat == 1e-2
 
 
+def test_method_neutral_spelling_of_the_update_learning_rate(tmp_path: Path) -> None:
+    assert parse_args(["--method", "lora", "--lr-adapter", "2e-2"]).lr_neat == 2e-2
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("method: lora\nlr_adapter: 3.0e-3\n")
+    assert parse_args(["--config", str(cfg)]).lr_neat == 3e-3
+
+
 def test_model_kwargs_from_cli_and_yaml(tmp_path: Path) -> None:
     assert parse_args(["--model-kwargs", "{img_size: 32, depth: 2}"]).model_kwargs == {"img_size": 32, "depth": 2}
     cfg = _write(tmp_path / "c.yaml", "model_kwargs: {img_size: 32}\n")

@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr-neat", type=float, default=5e-3, help="LR of the update (NEAT) parameters")
+    g.add_argument(
+        "--lr-adapter", "--lr-neat", dest="lr_neat", type=float, default=5e-3,
+        help="LR of the update parameters of any method (NEAT, LoRA, FourierFT); YAML key lr_adapter or lr_neat",
+    )  # fmt: skip
     g.add_argument("--lr-head", type=float, default=5e-3, help="LR of the classifier head")
     g.add_argument("--lr-backbone", type=float, default=None, help="LR of other trainable weights (None: lr_neat)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -136,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action=bool_flag, default=False, help="build everything, print the plan, exit")
     add_method_args(p)
     return p
+
+
+# method-neutral spellings of option names that predate the other methods
+YAML_ALIASES = {"lr_adapter": "lr_neat"}
 
 
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -209,6 +216,7 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser | None = None)
     actions = _actions(parser or build_parser())
     values = {}
     for key, (value, where) in _read_chain(Path(path), ()).items():
+        key = YAML_ALIASES.get(key, key)
         if key not in actions:
             close = difflib.get_close_matches(key, list(actions), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
