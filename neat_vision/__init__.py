@@ -8,10 +8,12 @@ from . import models  # noqa: E402,F401  registers the shipped fractal ViT in ti
 from .adapter import (
     AdapterFileError,
     AdapterMismatchError,
+    UnreachedLayerError,
     adapted_layers,
     adapter_parameters,
     apply_adapter,
     apply_neat,
+    check_reached,
     delta_norms,
     disable_adapter,
     disable_neat,
@@ -28,8 +30,9 @@ from .adapter import (
 )
 from .baselines import FourierConfig, LoraConfig, rank_for_budget
 from .config import ConfigError, NeatConfig
-from .layers import AdaptedLinear, batch_tweakers
-from .targets import TargetError, resolve_targets
+from .conv import AdaptedConv2d
+from .layers import AdaptedLayer, AdaptedLinear, batch_tweakers
+from .targets import TargetError, default_targets, resolve_targets
 from .timm_hook import create_model, install, load_adapter
 from .tweaker import Tweaker, tweaker_param_count
 
@@ -38,6 +41,8 @@ install()
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptedConv2d",
+    "AdaptedLayer",
     "AdaptedLinear",
     "AdapterFileError",
     "AdapterMismatchError",
@@ -47,12 +52,15 @@ __all__ = [
     "NeatConfig",
     "TargetError",
     "Tweaker",
+    "UnreachedLayerError",
     "adapted_layers",
     "adapter_parameters",
     "apply_adapter",
     "apply_neat",
     "batch_tweakers",
+    "check_reached",
     "create_model",
+    "default_targets",
     "delta_norms",
     "disable_adapter",
     "disable_neat",

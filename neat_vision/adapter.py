@@ -1,6 +1,7 @@
 """Apply, merge and unload updates on a model; save and load adapter files.
 
-An adapter file is a folder with ``adapter.safetensors`` (the trainable tensors: updates and head) and
+An adapter file is a folder with ``adapter.safetensors`` (the trainable tensors: updates and head; and the
+BatchNorm running statistics, which training in train mode changes) and
 ``adapter_config.json`` (method and config, what base model it was trained on, and a fingerprint of the
 adapted base weights, so loading onto other weights fails instead of silently producing garbage).
 """
@@ -8,6 +9,7 @@ adapted base weights, so loading onto other weights fails instead of silently pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -22,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import CONFIG_TYPES, ConfigError, NeatConfig
-from .layers import AdaptedLinear, batch_tweakers
-from .targets import AliasTable, resolve_targets
+from .conv import AdaptedConv2d
+from .layers import AdaptedLayer, AdaptedLinear, batch_tweakers
+from .targets import AliasTable, head_names, resolve_targets
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -31,6 +34,11 @@ FORMAT = "neat-vision-adapter"
 
 # callables that describe a model's base (library, name, tag, classes); integrations append to this
 BASE_DESCRIBERS: list[Callable[[nn.Module], dict[str, Any] | None]] = []
+
+# callables (model, adapted layers by name) -> [(module name, attribute, value)]: attribute settings that make a
+# model's forward call adapted layers it would otherwise bypass (timm: attentions that read ``qkv.weight``).
+# apply_adapter sets them and merge_and_unload restores the old values; integrations append to this.
+FORWARD_PATCHES: list[Callable[[nn.Module, Mapping[str, AdaptedLayer]], list[tuple[str, str, Any]]]] = []
 
 
 class AdapterMismatchError(RuntimeError):
@@ -41,18 +49,93 @@ class AdapterFileError(ValueError):
     """An adapter folder's files are cut, edited or inconsistent (not as `save_adapter` wrote them)."""
 
 
-def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
-    """The model's adapted layers by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+class UnreachedLayerError(RuntimeError):
+    """An adapted layer is never called by the model's forward, so its update would not train."""
 
 
-def _head_names(model: nn.Module) -> list[str]:
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        head = get_classifier()
-        return [n for n, m in model.named_modules() if m is head and n]
-    names = {"head", "classifier", "fc", "score"}
-    return [n for n, _ in model.named_children() if n in names]
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    """The model's adapted layers (`AdaptedLinear`, `AdaptedConv2d`) by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def _adapted(base: nn.Module, slices: tuple[tuple[int, int], ...], config: Any) -> AdaptedLayer:
+    cls = AdaptedConv2d if isinstance(base, nn.Conv2d) else AdaptedLinear
+    return cls(base, slices, config.make_update, path=config.path)
+
+
+def _note(ran: set[str], name: str, module: nn.Module, args: Any) -> None:
+    ran.add(name)
+
+
+class _ReachCheck:
+    """The one-shot check that every adapted layer runs, at the model's first training forward.
+
+    Before a forward in training mode with gradients on, it hooks every adapted layer to note that it ran;
+    after the forward it removes those hooks and then, when every layer ran, itself. A layer that did not run
+    raises `UnreachedLayerError` naming it (and the check stays: the next training forward fails too). It
+    stands aside under ``torch.compile`` (the compiled forward runs no Python hooks) and removes itself when
+    a submodule is compiled (``module.compile()``), where hooks on the layers would cost a recompilation.
+    """
+
+    def __init__(self) -> None:
+        self.hook_ids: tuple[int, int] | None = None
+        self.ran: set[str] = set()
+        self.handles: list[Any] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"hook_ids": self.hook_ids}  # the per-forward hooks do not outlive a forward
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+        self.hook_ids = state["hook_ids"]
+
+    def _release(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def pre(self, model: nn.Module, args: Any) -> None:
+        if not model.training or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return
+        self._release()  # left over from a forward that raised
+        if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
+            check_reached(model, enabled=False)
+            return
+        self.ran = set()
+        for name, layer in adapted_layers(model).items():
+            self.handles.append(layer.register_forward_pre_hook(functools.partial(_note, self.ran, name)))
+
+    def post(self, model: nn.Module, args: Any, output: Any) -> None:
+        if not self.handles:
+            return
+        self._release()
+        layers = adapted_layers(model)
+        missed = [name for name in layers if name not in self.ran]
+        if missed:
+            raise UnreachedLayerError(
+                f"{len(missed)} of {len(layers)} adapted layers never ran in {type(model).__name__}'s training forward "
+                f"(e.g. {', '.join(missed[:4])}): the model reads their weights directly or skips them, so their "
+                "updates would not train. Pick other targets, or, if the forward skips them on purpose, call "
+                "neat_vision.check_reached(model, enabled=False)"
+            )
+        check_reached(model, enabled=False)
+
+
+def check_reached(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Install (idempotent) or remove the one-shot check that every adapted layer runs in training.
+
+    `apply_adapter` installs it: the model's first forward in training mode (gradients on) raises
+    `UnreachedLayerError` naming each adapted layer the forward did not call, then the check removes itself.
+    """
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _ReachCheck)]:
+            del hooks[key]
+    if enabled:
+        check = _ReachCheck()
+        pre = model.register_forward_pre_hook(check.pre)
+        post = model.register_forward_hook(check.post)
+        check.hook_ids = (pre.id, post.id)
+    return model
 
 
 def _drop_missing_update_keys(module: nn.Module, incompatible_keys) -> None:
@@ -65,6 +148,12 @@ def _drop_missing_update_keys(module: nn.Module, incompatible_keys) -> None:
         incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in update_keys]
 
 
+def _undo_forward_patches(model: nn.Module) -> None:
+    """Put back what `apply_adapter`'s ``FORWARD_PATCHES`` replaced on ``model``'s modules."""
+    for module_name, attr, value in reversed(model.__dict__.pop("_neat_restore", [])):
+        setattr(model.get_submodule(module_name), attr, value)
+
+
 def apply_adapter(
     model: nn.Module,
     config: Any,
@@ -74,7 +163,9 @@ def apply_adapter(
 ) -> nn.Module:
     """Adapt ``model`` in place with the method ``config`` describes, freeze the rest, return it.
 
-    ``head`` names the modules trained whole when ``config.train_head`` (default: the classifier).
+    ``nn.Linear`` targets become `AdaptedLinear`, ``nn.Conv2d`` targets `AdaptedConv2d`. ``head`` names the
+    modules trained whole when ``config.train_head`` (default: the classifier). The model's first training
+    forward checks that every adapted layer runs (`check_reached`).
     """
     if adapted_layers(model):
         raise ValueError("this model is already adapted; call merge_and_unload() first to adapt it again")
@@ -84,12 +175,19 @@ def apply_adapter(
     for target in targets:
         parent_name, _, attr = target.name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        base = getattr(parent, attr)
-        setattr(parent, attr, AdaptedLinear(base, target.slices, config.make_update, path=config.path))
-    for layer in adapted_layers(model).values():
+        setattr(parent, attr, _adapted(getattr(parent, attr), target.slices, config))
+    layers = adapted_layers(model)
+    for layer in layers.values():
         layer.updates.requires_grad_(True)
+    restore = []
+    for patches in FORWARD_PATCHES:
+        for module_name, attr, value in patches(model, layers):
+            module = model.get_submodule(module_name)
+            restore.append((module_name, attr, getattr(module, attr)))
+            setattr(module, attr, value)
+    model.__dict__["_neat_restore"] = restore
     if config.train_head:
-        for name in _head_names(model) if head is None else head:
+        for name in head_names(model) if head is None else head:
             model.get_submodule(name).requires_grad_(True)
     if config.trainable:
         patterns = [re.compile(p) for p in config.trainable]
@@ -98,7 +196,7 @@ def apply_adapter(
                 p.requires_grad_(True)
     model.neat_config = config
     model.register_load_state_dict_post_hook(_drop_missing_update_keys)
-    return model
+    return check_reached(model)
 
 
 def apply_neat(model: nn.Module, config: NeatConfig | Mapping[str, Any], **kwargs: Any) -> nn.Module:
@@ -128,7 +226,7 @@ def trainable_summary(model: nn.Module) -> dict[str, Any]:
     ``neat`` is kept as an alias of ``adapter`` (the update count of whatever method is applied).
     """
     update_ids = {id(p) for p in adapter_parameters(model)}
-    head_ids = {id(p) for n in _head_names(model) for p in model.get_submodule(n).parameters()}
+    head_ids = {id(p) for n in head_names(model) for p in model.get_submodule(n).parameters()}
     counts = {"adapter": 0, "head": 0, "other": 0, "trainable": 0, "total": 0}
     for p in model.parameters():
         counts["total"] += p.numel()
@@ -157,11 +255,16 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every adapted layer by a plain ``nn.Linear`` holding ``W0 + dW``: the base architecture."""
+    """Replace every adapted layer by its plain layer (``nn.Linear``, ``nn.Conv2d``) with ``W0 + dW``.
+
+    The result is the base architecture: forward patches are undone and no hook is left.
+    """
     batch_tweakers(model, enabled=False)
+    check_reached(model, enabled=False)
     for name, layer in adapted_layers(model).items():
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, layer.to_linear())
+        setattr(model.get_submodule(parent_name), attr, layer.to_plain())
+    _undo_forward_patches(model)
     for attr in ("neat_config",):
         if hasattr(model, attr):
             delattr(model, attr)
@@ -227,7 +330,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     digest = hashlib.sha256()
     layers = {}
     for name, layer in adapted_layers(model).items():
-        w = layer.base_weight.detach().cpu().contiguous()
+        w = layer._matrix(layer.base_weight).detach().cpu().contiguous()  # a conv kernel as its matrix
         digest.update(name.encode())
         digest.update(str(w.dtype).encode())
         digest.update(w.view(-1).view(torch.uint8).numpy().tobytes())
@@ -306,8 +409,29 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return stale
 
 
+def running_stats(model: nn.Module) -> dict[str, Tensor]:
+    """Buffers a training forward updates: the running statistics of normalisation layers (BatchNorm's).
+
+    A frozen CNN's BatchNorm still tracks the batches it sees in training mode, so these belong to what an
+    adapter computes with, next to its trainable tensors.
+    """
+    stats = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            for key, buf in module.named_buffers(recurse=False):
+                stats[f"{name}.{key}" if name else key] = buf
+    return stats
+
+
+def trained_state(model: nn.Module) -> dict[str, Tensor]:
+    """What training changes: every trainable parameter and the running statistics (`running_stats`), by name."""
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state.update(running_stats(model))
+    return state
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the trainable tensors and the adapter config to the folder ``path``; return it."""
+    """Write the trained state (`trained_state`) and the adapter config to the folder ``path``; return it."""
     from safetensors.torch import save_file
 
     config = getattr(model, "neat_config", None)
@@ -315,7 +439,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError("save_adapter: this model has no adapter (apply_neat or create_model(neat=...) first)")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {n: t.detach().cpu().contiguous() for n, t in trained_state(model).items()}
     meta = {
         "format": FORMAT,
         "version": 1,
@@ -394,6 +518,8 @@ def _undo_apply(model: nn.Module) -> Callable[[], None]:
 
     def undo() -> None:
         batch_tweakers(model, enabled=False)
+        check_reached(model, enabled=False)
+        _undo_forward_patches(model)
         for name in adapted_layers(model):
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, modules[name])
@@ -441,13 +567,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool 
             undo()
         raise
     params = dict(model.named_parameters())
+    stats = running_stats(model)
     merged = [layer for layer in adapted_layers(model).values() if layer.merged]
     for layer in merged:
         layer.unmerge()
     with torch.no_grad():
         for name, t in tensors.items():
-            params[name].copy_(t)
-            params[name].requires_grad_(True)
+            if name in params:
+                params[name].copy_(t)
+                params[name].requires_grad_(True)
+            else:
+                stats[name].copy_(t)
     for layer in merged:
         layer.merge()
     return model
@@ -471,8 +601,10 @@ def _check_fits(
                 "adapted base weights match the adapter's only up to precision (another dtype?)", stacklevel=3
             )
     params = dict(model.named_parameters())
+    stats = running_stats(model)
     for name, t in tensors.items():
-        if name not in params:
-            raise AdapterMismatchError(f"adapter tensor {name} has no parameter in this model")
-        if params[name].shape != t.shape:
-            raise AdapterMismatchError(f"adapter tensor {name}: shape {tuple(t.shape)} != {tuple(params[name].shape)}")
+        target = params.get(name, stats.get(name))
+        if target is None:
+            raise AdapterMismatchError(f"adapter tensor {name} has no parameter or running statistic in this model")
+        if target.shape != t.shape:
+            raise AdapterMismatchError(f"adapter tensor {name}: shape {tuple(t.shape)} != {tuple(target.shape)}")

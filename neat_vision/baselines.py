@@ -1,8 +1,8 @@
 """Baseline methods on the NEAT machinery: LoRA, FourierFT, linear probe, full fine-tuning; parameter budgets.
 
-LoRA and FourierFT are update modules that plug into `AdaptedLinear` through their config's
-``make_update``, so they share targets (``q``/``v`` slices of a fused ``qkv`` included), block selection,
-merging and adapter files with NEAT. Linear probing and full fine-tuning have no update config.
+LoRA and FourierFT are update modules that plug into the adapted layers (`AdaptedLinear`, `AdaptedConv2d`)
+through their config's ``make_update``, so they share targets (``q``/``v`` slices of a fused ``qkv`` included),
+block selection, merging and adapter files with NEAT. Linear probing and full fine-tuning have no update config.
 
 - LoRA (Hu et al. 2021): ``dW = (alpha / r) * B @ A``, ``A (r, d_in)`` kaiming-uniform, ``B (d_out, r)``
   zeros; optional dropout on the update's input.
@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .adapter import _head_names, apply_adapter
+from .adapter import apply_adapter
 from .config import CONFIG_TYPES, PATHS, ConfigError, ConfigMethods, NeatConfig
-from .targets import resolve_targets
+from .targets import head_names, matrix_shape, resolve_targets
 from .tweaker import tweaker_param_count
 
 METHODS = ("neat", "lora", "fourierft", "linear", "full")
@@ -238,7 +238,7 @@ def _block_count(config: Any, out_features: int, in_features: int) -> int:
 def _block_shapes(model: nn.Module, config: Any) -> list[tuple[int, int]]:
     """``(d_out, d_in)`` of every weight block the config adapts on ``model``."""
     return [
-        (stop - start, model.get_submodule(t.name).in_features)
+        (stop - start, matrix_shape(model.get_submodule(t.name))[1])
         for t in resolve_targets(model, config.targets, config.layers)
         for start, stop in t.slices
     ]
@@ -304,7 +304,7 @@ def prepare_model(model: nn.Module, method: str, config: Any = None) -> nn.Modul
         raise ConfigError(f"method={method!r} takes no adapter config, got {config!r}")
     model.requires_grad_(method == "full")
     if method == "linear":
-        for name in _head_names(model):
+        for name in head_names(model):
             model.get_submodule(name).requires_grad_(True)
     return model
 

@@ -56,6 +56,21 @@ def _bias_grad(g2: Tensor, bias: Tensor | None, needed: bool) -> Tensor | None:
     return g2.sum(0).to(bias.dtype) if needed and bias is not None else None
 
 
+def _linear_out(x2: Tensor, weight: Tensor, bias: Tensor | None, x_shape: torch.Size) -> Tensor:
+    """``F.linear(x2, weight, bias)`` written into a new ``(*x_shape[:-1], d_out)`` tensor.
+
+    A custom Function's output must not be a view of a tensor made in its forward, or an in-place
+    addition by the caller fails (timm's ``qkv += qkv_bias``); reshaping the 2-D result would be one.
+    """
+    y = x2.new_empty(*x_shape[:-1], weight.shape[0])
+    out = y.view(x2.shape[0], weight.shape[0])
+    if bias is None:
+        torch.mm(x2, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=out)
+    return y
+
+
 class _FactoredLinear(torch.autograd.Function):
     """``y = x @ W0.T + b + (x @ right.T) @ left.T`` in the compute dtype, with a hand-written backward.
 
@@ -68,12 +83,12 @@ class _FactoredLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, left, right, dtype):  # noqa: D102
         x2 = _to(x, dtype).reshape(-1, x.shape[-1])
-        y = F.linear(x2, _to(weight, dtype), None if bias is None else _to(bias, dtype))
+        y = _linear_out(x2, _to(weight, dtype), None if bias is None else _to(bias, dtype), x.shape)
         xr = x2 @ right.t()
-        y.addmm_(xr, left.t())
+        y.view(x2.shape[0], -1).addmm_(xr, left.t())
         ctx.dtype, ctx.x_dtype, ctx.x_shape, ctx.has_bias = dtype, x.dtype, x.shape, bias is not None
         ctx.save_for_backward(x2, weight, left, right, xr, bias)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102
@@ -112,10 +127,10 @@ class _FusedLinear(torch.autograd.Function):
         with _no_autocast(x.device.type):
             x2 = _to(x, dtype).reshape(-1, x.shape[-1])
             w = torch.addmm(_to(weight, left.dtype), left, right).to(dtype)
-            y = F.linear(x2, w, None if bias is None else _to(bias, dtype))
+            y = _linear_out(x2, w, None if bias is None else _to(bias, dtype), x.shape)
         ctx.dtype, ctx.x_dtype, ctx.x_shape = dtype, x.dtype, x.shape
         ctx.save_for_backward(x2, weight, left, right, bias)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102
@@ -138,7 +153,115 @@ class _FusedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_l, grad_r, None
 
 
-class AdaptedLinear(nn.Module):
+class AdaptedLayer(nn.Module):
+    """The part every adapted layer shares: updates on row slices of a frozen weight matrix; merge / unmerge.
+
+    The frozen weight is read as an ``(out_features, in_features)`` matrix, one update per row slice of it.
+    Subclasses (`AdaptedLinear`, `neat_vision.conv.AdaptedConv2d`) set ``weight``, ``bias``, ``out_features``
+    and ``in_features`` (the matrix width: ``in_features`` of a Linear, ``in/groups * kh * kw`` of a conv),
+    call `_init_updates`, and implement ``forward`` and ``to_plain``.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    out_features: int
+    in_features: int
+
+    def _init_updates(
+        self, slices: Sequence[Slice], make_update: Callable[[int, int], nn.Module], path: str, training: bool
+    ) -> None:
+        self.slices: tuple[Slice, ...] = tuple((int(a), int(b)) for a, b in slices)
+        for start, stop in self.slices:
+            if not 0 <= start < stop <= self.out_features:
+                raise ValueError(f"slice [{start}, {stop}) is outside the {self.out_features} output rows")
+        self.updates = nn.ModuleList(make_update(stop - start, self.in_features) for start, stop in self.slices)
+        for update in self.updates:
+            if getattr(update, "input_dropout", None) is not None and not hasattr(update, "factors"):
+                raise ValueError(f"{type(update).__name__} has input_dropout but no factors(): dropout needs factors")
+        self.path = path
+        self.merged = False
+        self.disabled = False
+        self._w0_backup: Tensor | None = None
+        if self.weight.dtype.is_floating_point:
+            self.updates.to(device=self.weight.device)
+        self.train(training)  # an adapter applied to a model in eval mode must not bring dropout
+
+    @property
+    def base_weight(self) -> Tensor:
+        """``W0`` (the saved copy while merged), in the weight's own shape."""
+        return self._w0_backup if self.merged else self.weight
+
+    def _matrix(self, w: Tensor) -> Tensor:
+        """``w`` as the ``(out_features, in_features)`` matrix the updates read."""
+        return w
+
+    def _factors(self, w0: Tensor) -> list[Tensor] | None:
+        """``[left_0, right_0, left_1, ...]`` of every slice, or ``None`` when an update has no factors."""
+        w0 = self._matrix(w0)
+        out: list[Tensor] = []
+        for (start, stop), update in zip(self.slices, self.updates):
+            if not hasattr(update, "factors"):
+                return None
+            out.extend(update.factors(w0[start:stop]))
+        return out
+
+    def delta_weight(self) -> Tensor:
+        """The dense update ``dW`` in the weight's shape (zeros outside the slices), in fp32 or wider."""
+        w = self.base_weight
+        w0 = self._matrix(w)
+        delta = None
+        for (start, stop), update in zip(self.slices, self.updates):
+            d = update.delta_weight(w0[start:stop])
+            if delta is None:
+                delta = torch.zeros(w0.shape, dtype=torch.promote_types(d.dtype, torch.float32), device=d.device)
+            delta[start:stop] = d
+        return delta if w0 is w else delta.view(w.shape)
+
+    def _stack(self, factors: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """One ``(d_out, R)`` left and ``(R, d_in)`` right for all slices (``R`` = sum of ranks)."""
+        if len(self.slices) == 1 and self.slices[0] == (0, self.out_features):
+            return factors[0], factors[1]
+        lefts, rights = factors[0::2], factors[1::2]
+        rank = sum(r.shape[0] for r in rights)
+        left = lefts[0].new_zeros(self.out_features, rank)
+        col = 0
+        for (start, stop), piece in zip(self.slices, lefts):
+            left[start:stop, col : col + piece.shape[1]] = piece
+            col += piece.shape[1]
+        return left, torch.cat(rights, dim=0)
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False) -> None:
+        """Fold ``dW`` into ``weight``; a copy of ``W0`` is kept so `unmerge` restores it exactly."""
+        if self.merged:
+            warnings.warn(f"{type(self).__name__} is already merged; nothing changed", UserWarning, stacklevel=2)
+            return
+        merged = self.weight + self.delta_weight().to(self.weight.dtype)
+        if safe and not torch.isfinite(merged).all():
+            raise ValueError("merge refused: the merged weight has NaN or inf entries (a broken update?)")
+        self._w0_backup = self.weight.detach().clone()
+        self.weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore ``W0`` bit for bit."""
+        if not self.merged:
+            warnings.warn(f"{type(self).__name__} is not merged; nothing changed", UserWarning, stacklevel=2)
+            return
+        self.weight.copy_(self._w0_backup)
+        self._w0_backup = None
+        self.merged = False
+
+    def to_plain(self) -> nn.Module:
+        """The base layer type computing the adapted function (weight ``W0 + dW``)."""
+        raise NotImplementedError
+
+    def _slices_repr(self) -> str:
+        return f"slices={list(self.slices)}, path={self.path}, merged={self.merged}"
+
+
+class AdaptedLinear(AdaptedLayer):
     """A frozen ``nn.Linear`` whose weight slices each get a trainable update.
 
     ``y = x @ W0.T + b + sum_k pad_k(x @ dW_k.T)``, where ``dW_k`` is the update of rows
@@ -157,46 +280,7 @@ class AdaptedLinear(nn.Module):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        self.slices: tuple[Slice, ...] = tuple((int(a), int(b)) for a, b in slices)
-        for start, stop in self.slices:
-            if not 0 <= start < stop <= self.out_features:
-                raise ValueError(f"slice [{start}, {stop}) is outside the {self.out_features} output rows")
-        self.updates = nn.ModuleList(make_update(stop - start, self.in_features) for start, stop in self.slices)
-        for update in self.updates:
-            if getattr(update, "input_dropout", None) is not None and not hasattr(update, "factors"):
-                raise ValueError(f"{type(update).__name__} has input_dropout but no factors(): dropout needs factors")
-        self.path = path
-        self.merged = False
-        self.disabled = False
-        self._w0_backup: Tensor | None = None
-        device, dtype = base.weight.device, base.weight.dtype
-        if dtype.is_floating_point:
-            self.updates.to(device=device)
-        self.train(base.training)  # an adapter applied to a model in eval mode must not bring dropout
-
-    @property
-    def base_weight(self) -> Tensor:
-        """``W0`` (the saved copy while merged)."""
-        return self._w0_backup if self.merged else self.weight
-
-    def _factors(self, w0: Tensor) -> list[Tensor] | None:
-        out: list[Tensor] = []
-        for (start, stop), update in zip(self.slices, self.updates):
-            if not hasattr(update, "factors"):
-                return None
-            out.extend(update.factors(w0[start:stop]))
-        return out
-
-    def delta_weight(self) -> Tensor:
-        """The dense update ``dW`` of the whole weight (zeros outside the slices), in fp32 or wider."""
-        w0 = self.base_weight
-        delta = None
-        for (start, stop), update in zip(self.slices, self.updates):
-            d = update.delta_weight(w0[start:stop])
-            if delta is None:
-                delta = torch.zeros(w0.shape, dtype=torch.promote_types(d.dtype, torch.float32), device=d.device)
-            delta[start:stop] = d
-        return delta
+        self._init_updates(slices, make_update, path, base.training)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
@@ -266,42 +350,6 @@ class AdaptedLinear(nn.Module):
             first.rank, first.depth, first.act, first.scale, first.axis,
         )  # fmt: skip
 
-    def _stack(self, factors: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """One ``(d_out, R)`` left and ``(R, d_in)`` right for all slices (``R`` = sum of ranks)."""
-        if len(self.slices) == 1 and self.slices[0] == (0, self.out_features):
-            return factors[0], factors[1]
-        lefts, rights = factors[0::2], factors[1::2]
-        rank = sum(r.shape[0] for r in rights)
-        left = lefts[0].new_zeros(self.out_features, rank)
-        col = 0
-        for (start, stop), piece in zip(self.slices, lefts):
-            left[start:stop, col : col + piece.shape[1]] = piece
-            col += piece.shape[1]
-        return left, torch.cat(rights, dim=0)
-
-    @torch.no_grad()
-    def merge(self, safe: bool = False) -> None:
-        """Fold ``dW`` into ``weight``; a copy of ``W0`` is kept so `unmerge` restores it exactly."""
-        if self.merged:
-            warnings.warn("AdaptedLinear is already merged; nothing changed", UserWarning, stacklevel=2)
-            return
-        merged = self.weight + self.delta_weight().to(self.weight.dtype)
-        if safe and not torch.isfinite(merged).all():
-            raise ValueError("merge refused: the merged weight has NaN or inf entries (a broken update?)")
-        self._w0_backup = self.weight.detach().clone()
-        self.weight.copy_(merged)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore ``W0`` bit for bit."""
-        if not self.merged:
-            warnings.warn("AdaptedLinear is not merged; nothing changed", UserWarning, stacklevel=2)
-            return
-        self.weight.copy_(self._w0_backup)
-        self._w0_backup = None
-        self.merged = False
-
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the adapted function (``W0 + dW``, same bias)."""
         with torch.no_grad():
@@ -318,11 +366,12 @@ class AdaptedLinear(nn.Module):
             linear.bias.requires_grad_(self.bias.requires_grad)
         return linear
 
+    def to_plain(self) -> nn.Linear:
+        """`to_linear`."""
+        return self.to_linear()
+
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"slices={list(self.slices)}, path={self.path}, merged={self.merged}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._slices_repr()}"
 
 
 # ---- one batched tweaker pass per forward ----------------------------------------------------------

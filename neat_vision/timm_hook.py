@@ -7,21 +7,37 @@ with the remaining keyword arguments, so the registry is where we hook: its look
 entrypoint wrapped to pop ``neat=``, build the plain model (pretrained weights load here, before
 injection), then adapt it. A ``checkpoint_path=`` loads after the entrypoint returns; that works because
 adapted layers keep the base weights under their original names.
+
+Two timm specifics live here, registered with the core by `install`:
+
+- BEiT, EVA/EVA02 and SwinV2 attentions with separate q/v biases compute ``F.linear(x, self.qkv.weight,
+  qkv_bias)``, which bypasses an adapted ``qkv``. timm's own switch ``qkv_bias_separate=True`` makes them
+  call ``self.qkv(x)`` and add the bias after (the same function, and the same outputs at init); it is set
+  on the attentions whose ``qkv`` is adapted and restored by ``merge_and_unload``.
+- timm's ``nn.Conv2d`` subclasses with a forward of their own get a `ConvForm`: TensorFlow "same" padding
+  (``Conv2dSame``) and weight standardisation (``StdConv2d``, ``ScaledStdConv2d`` and their ``Same``
+  variants: the update is added to the raw weight, which the layer then standardises, so merging stays
+  exact).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import timm
 import timm.models._registry as timm_registry
-from torch import nn
+import torch.nn.functional as F
+from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers.padding import pad_same
+from torch import Tensor, nn
 
 from . import adapter as _adapter
 from .config import NeatConfig
+from .conv import CONV_FORMS, ConvForm
+from .layers import AdaptedLayer
 from .pretrained import packaged_weights_for, register
 
 
@@ -61,13 +77,57 @@ class _EntrypointRegistry(dict):
 _WRAPPED: dict[Callable, Callable] = {}
 
 
+def _separate_qkv_bias(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> list[tuple[str, str, Any]]:
+    """``qkv_bias_separate=True`` on every attention that would read its adapted ``qkv.weight`` directly."""
+    return [
+        (name, "qkv_bias_separate", True)
+        for name, module in model.named_modules()
+        if getattr(module, "qkv_bias_separate", None) is False
+        and getattr(module, "q_bias", None) is not None
+        and isinstance(getattr(module, "qkv", None), AdaptedLayer)
+    ]
+
+
+def _pad_same(layer: nn.Module, x: Tensor) -> Tensor:
+    return pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
+
+
+def _pad_same_if_dynamic(layer: nn.Module, x: Tensor) -> Tensor:
+    return _pad_same(layer, x) if layer.same_pad else x
+
+
+def _standardised(layer: nn.Module, weight: Tensor) -> Tensor:
+    """``StdConv2d``'s kernel: each filter standardised (zero mean, unit variance)."""
+    flat = weight.reshape(1, layer.out_channels, -1)
+    return F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=layer.eps).reshape_as(weight)
+
+
+def _scaled_standardised(layer: nn.Module, weight: Tensor) -> Tensor:
+    """``ScaledStdConv2d``'s kernel: standardised, times ``gain * scale`` per filter."""
+    flat = weight.reshape(1, layer.out_channels, -1)
+    gain = (layer.gain * layer.scale).view(-1)
+    return F.batch_norm(flat, None, None, weight=gain, training=True, momentum=0.0, eps=layer.eps).reshape_as(weight)
+
+
+TIMM_CONV_FORMS = {
+    Conv2dSame: ConvForm(pad=_pad_same),
+    StdConv2d: ConvForm(kernel=_standardised),
+    StdConv2dSame: ConvForm(pad=_pad_same_if_dynamic, kernel=_standardised),
+    ScaledStdConv2d: ConvForm(kernel=_scaled_standardised),
+    ScaledStdConv2dSame: ConvForm(pad=_pad_same_if_dynamic, kernel=_scaled_standardised),
+}
+
+
 def install() -> None:
-    """Make every ``create_model`` binding accept ``neat=`` (idempotent)."""
+    """Make every ``create_model`` binding accept ``neat=`` and register timm's specifics (idempotent)."""
     register()
     if not isinstance(timm_registry._model_entrypoints, _EntrypointRegistry):
         timm_registry._model_entrypoints = _EntrypointRegistry(timm_registry._model_entrypoints)
     if _describe_timm not in _adapter.BASE_DESCRIBERS:
         _adapter.BASE_DESCRIBERS.append(_describe_timm)
+    if _separate_qkv_bias not in _adapter.FORWARD_PATCHES:
+        _adapter.FORWARD_PATCHES.append(_separate_qkv_bias)
+    CONV_FORMS.update(TIMM_CONV_FORMS)
 
 
 def _describe_timm(model: nn.Module) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import neat_vision.adapter
 from neat_vision.data import EpochSampler, SyntheticImages, sample_seed
 from neat_vision.engine import dry_run, load_config, parse_args
 from neat_vision.engine.args import ConfigFileError
@@ -143,10 +144,14 @@ def test_dry_run_plan_matches_the_paper() -> None:
     assert plan["data_config"]["crop_pct"] == 1.0 and plan["data_config"]["mean"] == (0.5, 0.5, 0.5)
 
 
-def test_model_that_bypasses_adapted_layers_fails_by_name() -> None:
+def test_model_that_bypasses_adapted_layers_fails_by_name(monkeypatch) -> None:
+    """EVA02 reads ``qkv.weight`` directly; without the timm integration's forward patch the dry run refuses it."""
+    monkeypatch.setattr(neat_vision.adapter, "FORWARD_PATCHES", [])
     args = parse_args(["--model", "eva02_tiny_patch14_224", "--dataset", "digits", "--dry-run"])
     with pytest.raises(UnreachedLayerError, match=r"blocks\.0\.attn\.qkv"):
         dry_run(args)
+    monkeypatch.undo()
+    dry_run(args)  # with the patch the attention calls the adapted qkv
 
 
 # ------------------------------------------------------------------------------------------ model, optimizer

@@ -120,7 +120,7 @@ def test_neat_s_selects_only_layers_4_to_11():
 def test_presets_and_targets_fail_clearly():
     with pytest.raises(ConfigError, match="preset='gpt'.*bert, llama"):
         apply_neat(roberta(), NeatConfig(rank=2), preset="gpt")
-    with pytest.raises(TargetError, match="'up_proj' matches no linear layer"):
+    with pytest.raises(TargetError, match="'up_proj' matches no linear or conv layer"):
         apply_neat(roberta(), NeatConfig(targets="up_proj", rank=2))
     plain = apply_neat(roberta(), NeatConfig(targets=["query", r".*\.value"], rank=2))  # names work without aliases
     assert len(adapted_layers(plain)) == 4

@@ -2,7 +2,8 @@
 
 A checkpoint is a dict saved with ``torch.save`` and read back with ``torch.load(weights_only=True)``:
 
-* ``model``: the trainable tensors by parameter name (the whole state dict with ``--save-full``);
+* ``model``: the trainable tensors and BatchNorm running statistics by name (the whole state dict with
+  ``--save-full``);
 * ``optimizer``, ``scheduler``, ``scaler`` (or ``None``): their ``state_dict()``;
 * ``rng``: per rank, the python, numpy, torch and CUDA generator states;
 * ``progress``: ``epoch`` (in progress, 0-based), ``batch`` (next batch of that epoch), ``step`` (optimizer
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neat_vision.adapter import atomic_write
+from neat_vision.adapter import atomic_write, trained_state
 from neat_vision.errors import one_line
 
 __all__ = [
@@ -105,10 +106,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def model_state(model: nn.Module, full: bool = False) -> dict[str, torch.Tensor]:
-    """The trainable tensors by name (``full``: the whole state dict), on the CPU."""
+    """The trainable tensors and BatchNorm running statistics by name (``full``: the whole state dict), on the CPU."""
     if full:
         return {n: t.detach().cpu() for n, t in model.state_dict().items()}
-    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu() for n, t in trained_state(model).items()}
 
 
 def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

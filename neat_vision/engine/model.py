@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from neat_vision.adapter import adapted_layers, apply_adapter, disable_adapter, save_adapter
+from neat_vision.adapter import UnreachedLayerError, adapted_layers, apply_adapter, disable_adapter, save_adapter
 from neat_vision.config import CONFIG_TYPES, ConfigError, NeatConfig
 from neat_vision.layers import batch_tweakers
 
@@ -37,10 +37,6 @@ __all__ = [
 ]
 
 BUILTIN_METHODS = ("neat", "linear", "full")
-
-
-class UnreachedLayerError(RuntimeError):
-    """An adapted layer is never called by the model's forward, so its update would not train."""
 
 
 def _baselines() -> ModuleType | None:
@@ -131,11 +127,12 @@ def record_label_names(model: nn.Module, names: Sequence[str] | None) -> None:
 
 @torch.no_grad()
 def check_layers_reached(model: nn.Module, input_size: tuple[int, int, int], device: torch.device | str) -> None:
-    """Run one forward and fail naming every adapted layer the forward never calls.
+    """Run one forward and fail naming every adapted layer the forward never calls (before any data loads).
 
-    Some timm families (EVA, BEiT with separate q/v biases) read ``qkv.weight`` directly and bypass the
-    module; their updates would silently stay at zero. The check runs with the updates disabled (the base
-    forward), so it also works on the meta device.
+    A model that reads an adapted layer's weight directly bypasses the module and its update would stay at
+    zero; the library's own check (`neat_vision.check_reached`) fails at the first training forward, this one
+    before the run starts. It runs with the updates disabled (the base forward), so it also works on the
+    meta device.
     """
     layers = adapted_layers(model)
     if not layers:

@@ -1,0 +1,329 @@
+"""Which of timm's model families NEAT, LoRA and FourierFT adapt and train: checks per family, a table.
+
+A family is a model module of the installed timm (``timm.list_modules()``). For each one its smallest
+architecture (fewest parameters, counted on the meta device) is built with ``pretrained=False`` at a small
+input size, with ``targets="default"`` (the per-family rule of `neat_vision.targets`), and for each method:
+
+1. reached: a training forward runs every adapted layer (the library's own check, plus hooks here);
+2. identity: at init the adapted model's output is identical to the base model's (eval mode);
+3. gradient: every update gets a non-zero gradient from the pre-logits features;
+4. merge: after one optimizer step, the merged model computes what the unmerged one does, unmerge restores
+   ``W0`` bit for bit, and ``merge_and_unload`` gives the base architecture with the same outputs;
+5. round trip: ``save_adapter`` then ``load_adapter`` onto a fresh copy of the base gives identical outputs.
+
+Random weights stand in for pretrained ones, with one change: parameters that timm initialises to zero
+(SwinV2's post-norm gains, ResNet's last BN gain per block, layer scales set to 0) are drawn at random, since
+a zero gain passes no gradient to the branch behind it (pretrained gains are not zero).
+
+    python benchmarks/coverage.py                      # every family -> benchmarks/COVERAGE.md
+    python benchmarks/coverage.py --families resnet beit --out /tmp/c.md
+
+``tests/test_coverage.py`` runs the same checks on a table of tiny configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+import neat_vision
+from neat_vision import FourierConfig, LoraConfig, NeatConfig
+from neat_vision.adapter import UnreachedLayerError, adapted_layers, adapter_parameters
+from neat_vision.targets import DEFAULT, DEFAULT_ALIASES, KIND_ALIASES, default_targets, matrix_shape, resolve_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 5
+METHODS = ("neat", "lora", "fourierft")
+SIZES = (64, 96, 128, 160, 224)  # input sizes tried, smallest first
+BATCH = 2  # BatchNorm in training mode needs more than one value per channel
+
+
+@dataclass
+class Case:
+    """One family to check: the architecture, the ``create_model`` keyword arguments and the input size."""
+
+    family: str
+    arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    size: int = 64
+    targets: Any = "default"
+
+
+def build_base(case: Case, seed: int = 0) -> nn.Module:
+    """The plain model in eval mode; timm's zero-initialised parameters drawn at random (module docstring)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(case.arch, pretrained=False, num_classes=NUM_CLASSES, **case.kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and not p.any():
+                p.normal_(std=0.1)
+    return model.eval()
+
+
+def images(case: Case, seed: int = 1) -> Tensor:
+    return torch.randn(BATCH, 3, case.size, case.size, generator=torch.Generator().manual_seed(seed))
+
+
+def method_config(method: str, model: nn.Module, targets: Any) -> Any:
+    """The config each method is checked with: rank 2 (FourierFT: 16 coefficients, or the smallest block)."""
+    if method == "neat":
+        return NeatConfig(targets=targets, rank=2)
+    if method == "lora":
+        return LoraConfig(targets=targets, rank=2)
+    blocks = [
+        (stop - start) * matrix_shape(model.get_submodule(t.name))[1]
+        for t in resolve_targets(model, NeatConfig(targets=targets).targets)
+        for start, stop in t.slices
+    ]
+    return FourierConfig(targets=targets, n=min(16, *blocks))
+
+
+class CheckFailed(AssertionError):
+    """One check failed; the message starts with the check's name."""
+
+
+def _check(name: str, ok: bool, reason: str) -> None:
+    if not ok:
+        raise CheckFailed(f"{name}: {reason}")
+
+
+def _features(model: nn.Module, x: Tensor) -> Tensor:
+    """Pre-logits features (timm's ``forward_head(..., pre_logits=True)``), else the output."""
+    try:
+        out = model.forward_head(model.forward_features(x), pre_logits=True)
+    except (AttributeError, TypeError, NotImplementedError):
+        out = model(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _relative(got: Tensor, expected: Tensor) -> float:
+    """Largest difference relative to the output's scale."""
+    return ((got - expected).abs().max() / (1 + expected.abs().max())).item()
+
+
+def check_method(make_base: Callable[[], nn.Module], config: Any, x: Tensor, tol: float = 1e-4) -> None:
+    """The five checks of the module docstring, in order, on models from ``make_base`` (same weights each call).
+
+    Raises `CheckFailed` naming the first check that fails: ``identity``, ``reached``, ``gradient``,
+    ``round trip`` or ``merge``.
+    """
+    model = make_base().eval()
+    types = {name: type(module) for name, module in model.named_modules()}
+    with torch.no_grad():
+        expected = model(x)
+    neat_vision.apply_adapter(model, config)
+    layers = adapted_layers(model)
+    with torch.no_grad():
+        got = model(x)
+    diff = (got - expected).abs().max().item()
+    _check("identity", torch.equal(got, expected), f"output differs from the base model at init by up to {diff:.3g}")
+
+    model.train()
+    ran: set[str] = set()
+    hooks = [layer.register_forward_pre_hook(lambda m, a, n=name: ran.add(n)) for name, layer in layers.items()]
+    try:
+        feats = _features(model, x)
+    except UnreachedLayerError as err:  # the library's own check, at the first training forward
+        raise CheckFailed(f"reached: {err}") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    missed = sorted(set(layers) - ran)
+    _check("reached", not missed, f"{len(missed)} of {len(layers)} adapted layers never ran, e.g. {missed[:3]}")
+
+    (feats * torch.randn(feats.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    dead = [
+        f"{name}.updates.{k}"
+        for name, layer in layers.items()
+        for k, update in enumerate(layer.updates)
+        if not any(p.grad is not None and p.grad.abs().sum() > 0 for p in update.parameters())
+    ]
+    _check("gradient", not dead, f"{len(dead)} updates get no gradient from the features, e.g. {dead[:3]}")
+
+    torch.optim.AdamW(adapter_parameters(model), lr=1e-2).step()  # dW is not zero after a step
+    model.eval()
+    _check("merge", any(layer.delta_weight().abs().sum() > 0 for layer in layers.values()), "no update after a step")
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        y = model(x)
+        neat_vision.save_adapter(model, tmp)
+        fresh = neat_vision.load_adapter(make_base(), tmp).eval()
+        _check("round trip", torch.equal(fresh(x), y), "the loaded adapter computes other outputs")
+
+    with torch.no_grad():
+        w0 = {n: layer.weight.detach().clone() for n, layer in layers.items()}
+        neat_vision.merge(model)
+        err = _relative(model(x), y)
+        _check("merge", err < tol, f"merged output differs from the unmerged one by {err:.3g} (relative)")
+        neat_vision.unmerge(model)
+        changed = [n for n, layer in layers.items() if not torch.equal(layer.weight, w0[n])]
+        _check("merge", not changed, f"unmerge does not restore W0 bit for bit: {changed[:3]}")
+        _check("merge", torch.equal(model(x), y), "output after unmerge differs from before merge")
+        plain = neat_vision.merge_and_unload(model)
+        wrong = [n for n in layers if type(plain.get_submodule(n)) is not types[n]]
+        _check("merge", not wrong, f"merge_and_unload did not restore the base layer types: {wrong[:3]}")
+        err = _relative(plain(x), y)
+        _check("merge", err < tol, f"merge_and_unload output differs by {err:.3g} (relative)")
+
+
+def run_case(case: Case, make_base: Callable[[], nn.Module] | None = None) -> tuple[str, int, list[str]]:
+    """Every method's checks on one family: ``(targets, adapted layers, problems)``.
+
+    ``make_base`` returns the base model, the same weights on every call (default: copies of `build_base`'s).
+    """
+    x = images(case)
+    base = build_base(case) if make_base is None else make_base()
+    make_base = make_base or (lambda: copy.deepcopy(base))
+    targets = NeatConfig(targets=case.targets).targets
+    n_layers = len(resolve_targets(base, targets))
+    problems = []
+    for method in METHODS:
+        try:
+            check_method(make_base, method_config(method, base, case.targets), x)
+        except Exception as err:  # noqa: BLE001 - any failure is a row of the table
+            problems.append(
+                f"{method}: {err}" if isinstance(err, CheckFailed) else f"{method}: {type(err).__name__}: {err}"
+            )
+    return describe_targets(base, case.targets), n_layers, problems
+
+
+def describe_targets(model: nn.Module, targets: Any) -> str:
+    """``default`` resolved to the aliases it stands for on ``model``."""
+    names = NeatConfig(targets=targets).targets
+    if DEFAULT not in names:
+        return ", ".join(names)
+    rule = default_targets(model)
+    if all(t in DEFAULT_ALIASES or t in KIND_ALIASES for t in rule):
+        return "default: " + ", ".join(rule)
+    return "default: every block layer"
+
+
+# ---- choosing the architecture and input size of a family -------------------------------------------------
+
+
+def smallest_architecture(family: str) -> str | None:
+    """The registered architecture of ``family`` with the fewest parameters (built on the meta device)."""
+    best = None
+    for name in timm.list_models(module=family):
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = timm.create_model(name, pretrained=False)
+        except Exception:  # noqa: BLE001 - an architecture that does not build is skipped
+            continue
+        count = sum(p.numel() for p in model.parameters())
+        if best is None or count < best[1]:
+            best = (name, count)
+    return None if best is None else best[0]
+
+
+def fit_input(family: str, arch: str) -> Case:
+    """The smallest input size the architecture runs at (without, then with, ``img_size=``), else its own."""
+    torch.manual_seed(0)
+    cfg = timm.get_pretrained_cfg(arch)
+    own = int(cfg.input_size[-1]) if cfg is not None else 224
+    for size in (*[s for s in SIZES if s < own], own):
+        for kwargs in ({}, {"img_size": size}):
+            try:
+                model = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
+                with torch.no_grad():
+                    model(torch.zeros(BATCH, 3, size, size))
+                return Case(family, arch, kwargs, size)
+            except Exception:  # noqa: BLE001 - try the next size
+                continue
+    return Case(family, arch, {}, own)
+
+
+def read_archs(table: Path) -> dict[str, str]:
+    """family -> architecture of a table this script wrote (to skip the search for the smallest one)."""
+    archs = {}
+    for line in table.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) >= 2 and cells[1] not in ("architecture", "-", "---") and not cells[0].startswith("-"):
+            archs[cells[0]] = cells[1]
+    return archs
+
+
+def families() -> list[str]:
+    """timm's model modules (neat_vision registers its own models in a module named ``models``; not timm's)."""
+    return [m for m in timm.list_modules() if m != "models"]
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, seconds: float, command: str) -> None:
+    ok = sum(r["status"] == "ok" for r in rows)
+    lines = [
+        "# timm model families: NEAT, LoRA and FourierFT adapt and train",
+        "",
+        f"{ok} of {len(rows)} families pass every check (timm {timm.__version__}, torch {torch.__version__}, "
+        f"neat-vision {neat_vision.__version__}, {platform.machine()} CPU, {seconds / 60:.1f} min).",
+        "",
+        f'Command: `{command}`. Each family\'s smallest architecture, `pretrained=False`, `targets="default"`; '
+        "for NEAT (r 2), LoRA (r 2) and FourierFT (n 16): every adapted layer reached, output identical at init, "
+        "a gradient on every update, merged == unmerged (and `merge_and_unload`), save/load round trip "
+        "(`benchmarks/coverage.py` says how).",
+        "",
+        "| family | architecture | input | targets | layers | status | reason |",
+        "|---|---|---:|---|---:|---|---|",
+    ]
+    for r in rows:
+        reason = r["reason"].replace("|", "\\|").replace("\n", " ")
+        lines.append(
+            f"| {r['family']} | {r['arch']} | {r['size']} | {r['targets']} | {r['layers']} | {r['status']} | {reason} |"
+        )
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="*", default=None, help="timm modules to check (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "COVERAGE.md", help="table to write")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--archs-from", type=Path, default=None, help="reuse the architectures of a table this script wrote"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    start = time.time()
+    known = read_archs(args.archs_from) if args.archs_from else {}
+    rows = []
+    for family in args.families or families():
+        t0 = time.time()
+        row = {"family": family, "arch": "-", "size": "-", "targets": "-", "layers": 0}
+        try:
+            arch = known.get(family) or smallest_architecture(family)
+            if arch is None:
+                raise RuntimeError("no architecture of this family builds")
+            case = fit_input(family, arch)
+            row.update(arch=case.arch, size=case.size)
+            targets, layers, problems = run_case(case)
+            row.update(targets=targets, layers=layers)
+        except Exception as err:  # noqa: BLE001 - any failure is a row of the table
+            problems = [f"{type(err).__name__}: {err}"]
+        row["status"] = "ok" if not problems else "fail"
+        row["reason"] = "; ".join(p[:300] for p in problems)
+        rows.append(row)
+        print(f"{family:28s} {row['arch']:40s} {row['status']:4s} {time.time() - t0:6.1f}s {row['reason'][:200]}")
+        sys.stdout.flush()
+        gc.collect()
+    command = "python benchmarks/coverage.py" + (f" --families {' '.join(args.families)}" if args.families else "")
+    write_table(rows, args.out, time.time() - start, command)
+    print(f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} families pass; table: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
