@@ -156,11 +156,6 @@ def load_pretrained(load: Callable[..., Any], name: str, *args: Any, **kwargs: A
         raise ValueError(f"--model / --tokenizer {name!r} cannot be loaded: {first[:300]}") from err
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``name``, or cuda when available, else cpu."""
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
     """The settings that define a run's training (what a resumed run must share with the original)."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_TRAINING}

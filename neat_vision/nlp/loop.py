@@ -11,6 +11,11 @@ Written out rather than delegated to the HF ``Trainer`` so that its guarantees a
   sync per step the loop makes anyway); the checkpoint the message calls good is read back and verified.
 - Accumulation is exact: micro-batch losses are summed, and the gradient is divided by the number of
   loss terms (examples or answer tokens) of the whole batch, as if it were one forward pass.
+- Under torchrun (DDP) every rank takes a contiguous shard of each global batch (``batch_size`` is the
+  global batch whatever the number of processes) and accumulates it under ``no_sync``; one all-reduce then
+  *sums* the gradients (DDP's averaging is not used, so no division by the world size is to undo) and one
+  sums the loss, the loss-term count and the non-finite flags, so every rank takes the same decisions.
+  Rank 0 writes the checkpoint (holding every rank's RNG state), TensorBoard, the summary and the adapters.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from ..adapter import atomic_write, neat_parameters, remove_stale_temporaries, save_adapter
+from ..engine.distributed import DistEnv, all_gather_object, all_reduce_sum
 from ..errors import one_line
 from ..finite import checkpoint_nonfinite, nonfinite_flag, nonfinite_names
 
@@ -79,6 +86,30 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def rank_shard(indices: Sequence[int], env: DistEnv) -> list[int]:
+    """This rank's contiguous part of a global batch (sizes differ by at most one; a part may be empty)."""
+    n, world = len(indices), env.world_size
+    return list(indices[env.rank * n // world : (env.rank + 1) * n // world])
+
+
+def distribute(model: nn.Module, env: DistEnv) -> nn.Module:
+    """``model`` wrapped in DDP when ``env`` is distributed (the loop syncs gradients itself), else ``model``.
+
+    ``broadcast_buffers=False``: the loop runs every forward under ``no_sync`` and ranks may run different
+    numbers of them (an empty shard runs none), so no collective may ride on the forward pass.
+    """
+    if not env.distributed:
+        return model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def seed_rank(seed: int, env: DistEnv) -> None:
+    """Per-rank training randomness (dropout) after an identical initialisation; single-process runs keep theirs."""
+    if env.distributed:
+        torch.manual_seed(seed * 1_000_003 + env.rank)
+
+
 def check_output(out: str | Path, resume: bool) -> None:
     """Fail early unless ``out`` holds a checkpoint exactly when resuming (a fresh run never overwrites one)."""
     out = Path(out)
@@ -121,6 +152,8 @@ class TrainLoop:
     ``loss_fn(indices) -> (summed loss, number of loss terms)`` runs the forward pass of one micro-batch;
     ``evaluate() -> metrics`` runs after each epoch (``settings.select_metric`` picks the best epoch, whose
     adapter goes to ``out/best``). ``run_config`` is stored in the checkpoint; resuming with another fails.
+    ``loss_fn`` gets this rank's shard of each batch and forwards through ``net`` (`distribute`'s wrapper);
+    ``evaluate`` must return the same metrics on every rank.
     """
 
     def __init__(
@@ -135,8 +168,12 @@ class TrainLoop:
         settings: LoopSettings,
         out: str | Path,
         run_config: dict[str, Any],
+        env: DistEnv | None = None,
+        net: nn.Module | None = None,
     ) -> None:
         self.model = model
+        self.env = env or DistEnv(next(model.parameters()).device)
+        self.net = net if net is not None else model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.n_train = n_train
@@ -163,6 +200,8 @@ class TrainLoop:
         """What is on disk to fall back on, verified: the checkpoint is read back and its tensors checked."""
         if self.saved_step is None:
             return "no checkpoint was written yet (see --checkpoint-steps)"
+        if not self.env.is_main:
+            return f"rank 0 reports on {self.checkpoint_path}"
         bad = checkpoint_nonfinite(self.checkpoint_path, ("trainable", "optimizer"))
         if bad is None:
             return f"the last checkpoint {self.checkpoint_path} cannot be read back: do not resume from it"
@@ -181,12 +220,16 @@ class TrainLoop:
     def _check_weights(self) -> None:
         """Stop when the last optimizer step made a trainable tensor non-finite."""
         flag, self._weights_flag = self._weights_flag, None
-        if flag is not None and flag.item():
+        if flag is not None and all_reduce_sum(flag.clone(), self.env).item():
             raise self._weights_error(nonfinite_names(_trainable(self.model)))
 
     def save_checkpoint(self) -> None:
         """Write the resume state atomically (after checking that the trainable tensors are finite)."""
         self._check_weights()
+        rngs = all_gather_object(_rng_state(), self.env)
+        self.saved_step = self.progress.global_step
+        if not self.env.is_main:
+            return
         trainable = _trainable(self.model)
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -194,12 +237,11 @@ class TrainLoop:
             "trainable": {name: p.detach().cpu() for name, p in trainable.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rngs,  # one per rank
             "progress": asdict(self.progress),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
-        self.saved_step = self.progress.global_step
 
     def load_checkpoint(self) -> None:
         """Restore the state of ``out/checkpoint.pt``; it must come from the same ``run_config``."""
@@ -225,46 +267,80 @@ class TrainLoop:
                 trainable[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) != self.env.world_size:
+            raise ResumeError(
+                f"{self.checkpoint_path} was written by {len(rngs)} process(es), this run has "
+                f"{self.env.world_size}: resume with the same number (each rank's random state is restored)"
+            )
+        _set_rng_state(rngs[self.env.rank])
         self.progress = Progress(**state["progress"])
         self.saved_step = self.progress.global_step
 
     def run(self, resume: bool = False) -> Progress:
         """Train from the start (``out`` must hold no checkpoint) or from ``out/checkpoint.pt``."""
         check_output(self.out, resume)
-        for folder in (self.out, self.out / "best", self.out / "last"):
-            remove_stale_temporaries(folder)
+        self.env.barrier()  # no rank sees rank 0's first checkpoint as one in the way
+        if self.env.is_main:
+            for folder in (self.out, self.out / "best", self.out / "last"):
+                remove_stale_temporaries(folder)
         if resume:
             self.load_checkpoint()
         purge = self.progress.global_step if resume else None
-        with SummaryWriter(str(self.out / "tb"), purge_step=purge) as writer:
+        writer = SummaryWriter(str(self.out / "tb"), purge_step=purge) if self.env.is_main else None
+        try:
             while self.progress.epoch < self.settings.epochs:
                 self._train_epoch(writer)
                 self._end_epoch(writer)
-        save_adapter(self.model, self.out / "last")
+        finally:
+            if writer is not None:
+                writer.close()
+        if self.env.is_main:
+            save_adapter(self.model, self.out / "last")
+        self.env.barrier()  # the adapters are on disk before any rank goes on to use them
         return self.progress
 
-    def _train_epoch(self, writer: SummaryWriter) -> None:
+    def _sync(self, trainable: list[nn.Parameter], stats: Tensor) -> Tensor:
+        """Sum the gradients and ``stats`` over ranks (identity when single-process); return the summed stats.
+
+        A tensor without a gradient on every rank keeps none (the optimizer then skips it, as alone).
+        """
+        if not self.env.distributed:
+            return stats
+        present = torch.tensor([q.grad is not None for q in trainable], dtype=torch.float64, device=self.device)
+        stats = all_reduce_sum(torch.cat([stats, present]), self.env)
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in trainable]
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), self.env) if grads else None
+        offset = 0
+        for q, g, seen in zip(trainable, grads, stats[len(stats) - len(trainable) :].tolist()):
+            q.grad = flat[offset : offset + g.numel()].view_as(q).clone() if seen else None
+            offset += g.numel()
+        return stats[: len(stats) - len(trainable)]
+
+    def _train_epoch(self, writer: SummaryWriter | None) -> None:
         s, p = self.settings, self.progress
         batches = epoch_batches(self.n_train, s.batch_size, s.seed, p.epoch)
         trainable = list(_trainable(self.model).values())
         self.model.train()
         while p.step_in_epoch < len(batches):
-            indices = batches[p.step_in_epoch]
+            indices = rank_shard(batches[p.step_in_epoch], self.env)
             total = torch.zeros((), device=self.device)
             terms = 0
-            for i in range(0, len(indices), s.micro_batch_size):
-                with self._autocast():
-                    loss, n = self.loss_fn(indices[i : i + s.micro_batch_size])
-                loss.backward()
-                total += loss.detach().float()
-                terms += n
+            sync = self.net.no_sync() if isinstance(self.net, DistributedDataParallel) else contextlib.nullcontext()
+            with sync:
+                for i in range(0, len(indices), s.micro_batch_size):
+                    with self._autocast():
+                        loss, n = self.loss_fn(indices[i : i + s.micro_batch_size])
+                    loss.backward()
+                    total += loss.detach().float()
+                    terms += n
             pending = self._weights_flag if self._weights_flag is not None else torch.zeros((), device=self.device)
             self._weights_flag = None
-            checks = torch.stack(
-                [total.double(), nonfinite_flag((q.grad for q in trainable), self.device), pending.double()]
-            )
-            step_loss, bad_grads, bad_weights = checks.tolist()  # the loop's one host sync per step
+            count = torch.tensor(float(terms), dtype=torch.float64, device=self.device)
+            stats = self._sync(trainable, torch.stack([total.double(), count, pending.double()]))
+            checks = torch.cat([stats, nonfinite_flag((q.grad for q in trainable), self.device).view(1)])
+            step_loss, terms_sum, bad_weights, bad_grads = checks.tolist()  # the loop's one host sync per step
+            terms = int(terms_sum)
             if bad_weights:
                 raise self._weights_error(nonfinite_names(_trainable(self.model)))
             if not math.isfinite(step_loss) or bad_grads:
@@ -287,12 +363,13 @@ class TrainLoop:
             p.step_in_epoch += 1
             p.epoch_loss += step_loss
             p.epoch_terms += terms
-            writer.add_scalar("train/loss", step_loss / max(terms, 1), p.global_step)
-            writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], p.global_step)
+            if writer is not None:
+                writer.add_scalar("train/loss", step_loss / max(terms, 1), p.global_step)
+                writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], p.global_step)
             if s.checkpoint_steps and p.global_step % s.checkpoint_steps == 0 and p.step_in_epoch < len(batches):
                 self.save_checkpoint()
 
-    def _end_epoch(self, writer: SummaryWriter) -> None:
+    def _end_epoch(self, writer: SummaryWriter | None) -> None:
         self._check_weights()  # before a non-finite model is evaluated or saved as the best adapter
         s, p = self.settings, self.progress
         row: dict[str, float] = {
@@ -304,7 +381,7 @@ class TrainLoop:
             with self._autocast():
                 row.update(self.evaluate())
         for key, value in row.items():
-            if key not in ("epoch", "step"):
+            if key not in ("epoch", "step") and writer is not None:
                 writer.add_scalar(("train/" if key == "train_loss" else "dev/") + key, value, p.global_step)
         p.history.append(row)
         metric = s.select_metric
@@ -312,13 +389,15 @@ class TrainLoop:
             best = p.best[metric] if p.best is not None else None
             if best is None or (row[metric] > best if s.maximize else row[metric] < best):
                 p.best = row
-                save_adapter(self.model, self.out / "best")
+                if self.env.is_main:
+                    save_adapter(self.model, self.out / "best")
         p.epoch += 1
         p.step_in_epoch = 0
         p.epoch_loss = 0.0
         p.epoch_terms = 0
         self.save_checkpoint()
-        _write_summary(self.out / "summary.csv", p.history)
+        if self.env.is_main:
+            _write_summary(self.out / "summary.csv", p.history)
 
 
 def prepare_model(
