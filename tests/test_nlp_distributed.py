@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from transformers import RobertaModel  # noqa: E402
 
 from neat_vision.nlp import glue, instruct  # noqa: E402
@@ -27,13 +28,26 @@ ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 
 
-def torchrun(module: str, argv: list[str]) -> subprocess.CompletedProcess:
+def torchrun(module: str, argv: list[str], **env: str) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 -m module argv`` (a free port; one thread per process)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return subprocess.run(
         [*command, "-m", module, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
+
+
+def killed_glue_main(step: int, argv: list[str]) -> int:
+    """`glue.main`, killed (KeyboardInterrupt on rank 0) when it logs the loss of optimizer step ``step``."""
+    add_scalar = SummaryWriter.add_scalar
+
+    def die(self, tag, value, global_step=None, *args, **kwargs):
+        if tag == "train/loss" and global_step == step:
+            raise KeyboardInterrupt(f"killed at step {step}")
+        return add_scalar(self, tag, value, global_step, *args, **kwargs)
+
+    SummaryWriter.add_scalar = die
+    return glue.main(argv)
 
 
 def assert_same_run(one: Path, two: Path, metrics: list[str]) -> None:
@@ -69,8 +83,14 @@ def test_glue_two_processes_train_like_one(tmp_path, roberta_folder):
     data = fx.write_glue(tmp_path / "glue", "mrpc", n_train=20, n_dev=18)
     common = ["--task", "mrpc", "--model", str(roberta_folder), "--data-dir", str(data), "--lr", "1e-2"]
     common += ["--batch-size", "7", "--eval-batch-size", "2", "--epochs", "2", "--neat", "rank=2", "--device", "cpu"]
+    common += ["--checkpoint-steps", "1"]  # 3 steps an epoch
     assert glue.main([*common, "--output", str(tmp_path / "one")]) == 0
-    done = torchrun("neat_vision.nlp.glue", [*common, "--output", str(tmp_path / "two")])
+    # the 2-process run is killed in step 5 (mid epoch 2), then resumed from its step-4 checkpoint
+    two = [*common, "--output", str(tmp_path / "two")]
+    killed = torchrun("tests.test_nlp_distributed", two, NEAT_TEST_KILL_STEP="5")
+    assert killed.returncode != 0 and "killed at step 5" in killed.stderr, killed.stderr[-3000:]
+    assert torch.load(tmp_path / "two" / CHECKPOINT, weights_only=True)["progress"]["global_step"] == 4
+    done = torchrun("neat_vision.nlp.glue", [*two, "--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("mrpc: best epoch") == 1  # rank 0 reports
     assert_same_run(tmp_path / "one", tmp_path / "two", ["accuracy", "f1"])
@@ -104,3 +124,7 @@ def test_instruct_two_processes_train_like_one(tmp_path, instruct_setup):
     assert_same_run(tmp_path / "one", tmp_path / "two", ["val_loss"])
     rows = [json.loads((out / "eval" / "social_i_qa.json").read_text()) for out in (tmp_path / "one", tmp_path / "two")]
     assert len(rows[1]) == 5 and [r["response"] for r in rows[1]] == [r["response"] for r in rows[0]]
+
+
+if __name__ == "__main__":  # a torchrun worker of test_glue_two_processes_train_like_one
+    sys.exit(killed_glue_main(int(os.environ["NEAT_TEST_KILL_STEP"]), sys.argv[1:]))
