@@ -306,8 +306,18 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return stale
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the trainable tensors and the adapter config to the folder ``path``; return it."""
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    base: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> Path:
+    """Write the trainable tensors and the adapter config to the folder ``path``; return it.
+
+    A sharded model (FSDP) passes its gathered trainable ``tensors`` and ``base`` = ``(describe_base(model),
+    fingerprint(model))`` taken before it was sharded.
+    """
     from safetensors.torch import save_file
 
     config = getattr(model, "neat_config", None)
@@ -315,14 +325,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError("save_adapter: this model has no adapter (apply_neat or create_model(neat=...) first)")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    if tensors is None:
+        tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {n: t.cpu().contiguous() for n, t in tensors.items()}
+    described, base_fingerprint = base if base is not None else (describe_base(model), fingerprint(model))
     meta = {
         "format": FORMAT,
         "version": 1,
         "method": config.method,
         "config": config.identity_dict(),
-        "base": describe_base(model),
-        "fingerprint": fingerprint(model),
+        "base": described,
+        "fingerprint": base_fingerprint,
         "tensors": sorted(tensors),
     }
     atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))

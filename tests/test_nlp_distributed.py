@@ -14,17 +14,19 @@ import torch
 pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-from transformers import RobertaModel  # noqa: E402
+from transformers import AutoModelForCausalLM, RobertaModel  # noqa: E402
 
-from neat_vision.nlp import glue, instruct  # noqa: E402
+from neat_vision.nlp import glue, instruct, load_adapter  # noqa: E402
 from neat_vision.nlp.loop import CHECKPOINT  # noqa: E402
 from tests import nlp_fixtures as fx  # noqa: E402
 from tests.nlp_fixtures import single_thread  # noqa: E402, F401 (an autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 # measured (1 vs 2 processes, float32 sums taken in another order): GLUE metrics 2.4e-8 and adapter tensors
-# 9.3e-8 apart, instruction runner losses 3.2e-7 and tensors 2.2e-8 apart
+# 9.3e-8 apart; instruction runner losses 3.2e-7 and tensors 2.2e-8 (DDP), 4.8e-7 and 1.5e-8 (FSDP2) apart;
+# an example dropped from one rank's shard moves the GLUE train loss by 2.4e-2
 ATOL = 1e-5
 
 
@@ -116,9 +118,18 @@ def test_instruct_two_processes_train_like_one(tmp_path, instruct_setup):
     setup = instruct_setup
     common = ["--model", str(setup["model"]), "--data", str(setup["data"]), "--lr", "5e-3", "--epochs", "2"]
     common += ["--batch-size", "5", "--micro-batch-size", "2", "--val-size", "3", "--warmup-steps", "0"]
-    common += ["--neat", "rank=2", "--device", "cpu", "--eval-dir", str(setup["eval"]), "--eval-sets", "social_i_qa"]
-    common += ["--num-beams", "1", "--max-new-tokens", "4", "--eval-batch-size", "2"]
-    assert instruct.main([*common, "--output", str(tmp_path / "one")]) == 0
+    common += ["--neat", "rank=2", "--device", "cpu"]
+    evaluation = ["--eval-dir", str(setup["eval"]), "--eval-sets", "social_i_qa", "--num-beams", "1"]
+    evaluation += ["--max-new-tokens", "4", "--eval-batch-size", "2"]
+    assert instruct.main([*common, *evaluation, "--output", str(tmp_path / "one")]) == 0
+    # FSDP2 (each decoder layer and the root sharded over the 2 ranks; the filler micro-batch of the last step)
+    done = torchrun("neat_vision.nlp.instruct", [*common, "--fsdp", "--output", str(tmp_path / "fsdp")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(tmp_path / "one", tmp_path / "fsdp", ["val_loss"])
+    checkpoint = torch.load(tmp_path / "fsdp" / CHECKPOINT, weights_only=True)
+    assert not any(isinstance(t, DTensor) for t in checkpoint["trainable"].values())  # gathered, the usual format
+    load_adapter(AutoModelForCausalLM.from_pretrained(setup["model"]), tmp_path / "fsdp" / "last")  # base matches
+    common += evaluation
     done = torchrun("neat_vision.nlp.instruct", [*common, "--output", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(tmp_path / "one", tmp_path / "two", ["val_loss"])

@@ -50,7 +50,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 # settings that do not change a run's training (a resumed run may differ in these)
 NOT_TRAINING = {"config", "resume", "device", "output", "checkpoint_steps", "eval_batch_size", "eval_dir", "eval_sets"}
-NOT_TRAINING |= {"eval_limit", "max_new_tokens", "num_beams", "eval_only", "adapter"}
+# fsdp: the same sums and the same checkpoint format as DDP, so either may resume the other
+NOT_TRAINING |= {"eval_limit", "max_new_tokens", "num_beams", "eval_only", "adapter", "fsdp"}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,9 @@ loss, gradients or weights; the last good checkpoint is kept).
 
 Under torchrun each rank trains on its shard of every batch, computes the validation loss of every N-th
 micro-batch and answers every N-th evaluation batch (sums and rows are gathered, so the results are those
-of the whole sets); rank 0 writes the files.
+of the whole sets); rank 0 writes the files. ``--fsdp`` shards the model with FSDP2 (each decoder layer and
+the root) for models that do not fit one GPU; it trains only (evaluate ``<output>/last`` with ``--eval-only``),
+and its checkpoint and adapters hold the full tensors, as without it.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate --adapter")
     parser.add_argument("--adapter", help="adapter folder to evaluate with --eval-only")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun; trains only)")
     return parser
 
 
@@ -140,6 +143,11 @@ def run_instruct(args: argparse.Namespace, env: DistEnv | None = None) -> dict[s
     if args.eval_sets and not args.eval_dir:
         raise ValueError("--eval-sets needs --eval-dir (the folder of <name>/test.json); --eval-sets alone skips them")
     eval_files = {name: _eval_file(args.eval_dir, name) for name in args.eval_sets}
+    if args.fsdp and (args.eval_only or args.eval_sets):
+        raise ValueError(
+            "--fsdp trains only: leave out --eval-sets / --eval-only and evaluate <output>/last afterwards with "
+            "--eval-only --adapter (DDP or one process)"
+        )
     if args.eval_only and not args.adapter:
         raise ValueError("--eval-only needs --adapter (a folder written by a training run, e.g. <output>/last)")
     if not args.eval_only:
@@ -164,10 +172,12 @@ def run_instruct(args: argparse.Namespace, env: DistEnv | None = None) -> dict[s
         model = prepare_model(model, device=device, dtype=dtype, gradient_checkpointing=False)
     else:
         apply_neat(model, NeatConfig.coerce(args.neat))
-        model = prepare_model(model, device=device, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
+        place = torch.device("cpu") if args.fsdp else device  # FSDP moves each rank's shard to its device
+        model = prepare_model(model, device=place, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
         results = _train(model, tokenizer, args, dtype, env)
     results["params"] = trainable_summary(model)
-    merge_and_unload(model)  # generation then costs what the base model costs
+    if eval_files:
+        merge_and_unload(model)  # generation then costs what the base model costs
     results["eval"] = {}
     for name, path in eval_files.items():
         scored = evaluate_set(
@@ -202,9 +212,9 @@ def _train(
         tokens = tokenize_record(tokenizer, records[i], args.cutoff_len)
         features.append({key: torch.tensor(value, dtype=torch.int32) for key, value in tokens.items()})
     val, train = features[: args.val_size], features[args.val_size :]
-    device = next(model.parameters()).device
+    device = env.device
     model.config.use_cache = False
-    net = distribute(model, env)
+    net = distribute(model, env, fsdp=args.fsdp)
     seed_rank(args.seed, env)
 
     def loss_sum(
@@ -223,10 +233,10 @@ def _train(
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, answer tokens
         for b, start in enumerate(range(0, len(val), micro)):
-            if b % env.world_size == env.rank:
+            if args.fsdp or b % env.world_size == env.rank:  # FSDP's forward is a collective: all ranks run all
                 loss, n = loss_sum(val[start : start + micro], model)
                 sums += torch.stack([loss.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
-        total, terms = all_reduce_sum(sums, env).tolist()
+        total, terms = (sums if args.fsdp else all_reduce_sum(sums, env)).tolist()
         return {"val_loss": total / max(terms, 1)}
 
     steps = args.epochs * math.ceil(len(train) / args.batch_size)

@@ -16,6 +16,9 @@ Written out rather than delegated to the HF ``Trainer`` so that its guarantees a
   *sums* the gradients (DDP's averaging is not used, so no division by the world size is to undo) and one
   sums the loss, the loss-term count and the non-finite flags, so every rank takes the same decisions.
   Rank 0 writes the checkpoint (holding every rank's RNG state), TensorBoard, the summary and the adapters.
+- With FSDP2 (`distribute(..., fsdp=True)`) the gradients are reduce-scattered as sums by FSDP itself, every
+  rank runs the same number of micro-batches (an empty one forwards a real example with weight 0), and the
+  checkpoint and adapters hold the gathered full tensors, so their format is that of a DDP or 1-process run.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from ..adapter import atomic_write, neat_parameters, remove_stale_temporaries, save_adapter
+from ..adapter import atomic_write, describe_base, fingerprint, neat_parameters, remove_stale_temporaries, save_adapter
 from ..engine.distributed import DistEnv, all_gather_object, all_reduce_sum
 from ..errors import one_line
 from ..finite import checkpoint_nonfinite, nonfinite_flag, nonfinite_names
@@ -92,16 +96,59 @@ def rank_shard(indices: Sequence[int], env: DistEnv) -> list[int]:
     return list(indices[env.rank * n // world : (env.rank + 1) * n // world])
 
 
-def distribute(model: nn.Module, env: DistEnv) -> nn.Module:
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor (a collective for a sharded one: every rank must call it, in the same order)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(full: Tensor, param: Tensor) -> Tensor:
+    """``full`` sharded as ``param`` is (as is when ``param`` is a plain tensor)."""
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full.to(_local(param).device), param.device_mesh, param.placements)
+
+
+def distribute(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
     """``model`` wrapped in DDP when ``env`` is distributed (the loop syncs gradients itself), else ``model``.
 
     ``broadcast_buffers=False``: the loop runs every forward under ``no_sync`` and ranks may run different
     numbers of them (an empty shard runs none), so no collective may ride on the forward pass.
+    ``fsdp``: shard ``model`` (on the CPU until now) in place with FSDP2 onto ``env.device``, each decoder layer
+    (the classes of HF's ``_no_split_modules``) and the root, gradients reduced as sums; returns ``model``.
     """
+    if fsdp:
+        return _fully_shard(model, env)
     if not env.distributed:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _fully_shard(model: nn.Module, env: DistEnv) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if not env.distributed:
+        raise ValueError("--fsdp needs a torchrun job (torchrun --nproc_per_node N -m ...); alone, leave it out")
+    classes = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ValueError(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard")
+    # the adapter files describe the base as it is whole; computed once (the base weights are frozen)
+    model._neat_unsharded_base = (describe_base(model), fingerprint(model))
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sums, like the DDP path
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return model
 
 
 def seed_rank(seed: int, env: DistEnv) -> None:
@@ -174,6 +221,7 @@ class TrainLoop:
         self.model = model
         self.env = env or DistEnv(next(model.parameters()).device)
         self.net = net if net is not None else model
+        self.fsdp = any(isinstance(q, DTensor) for q in _trainable(model).values())
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.n_train = n_train
@@ -183,7 +231,7 @@ class TrainLoop:
         self.out = Path(out)
         self.run_config = run_config
         self.progress = Progress()
-        self.device = next(model.parameters()).device
+        self.device = _local(next(model.parameters())).device
         self.saved_step: int | None = None
         # 1.0 when the last optimizer step left a non-finite trainable tensor; read at the next host sync
         self._weights_flag: Tensor | None = None
@@ -221,21 +269,27 @@ class TrainLoop:
         """Stop when the last optimizer step made a trainable tensor non-finite."""
         flag, self._weights_flag = self._weights_flag, None
         if flag is not None and all_reduce_sum(flag.clone(), self.env).item():
-            raise self._weights_error(nonfinite_names(_trainable(self.model)))
+            raise self._weights_error(nonfinite_names({n: _local(q) for n, q in _trainable(self.model).items()}))
 
     def save_checkpoint(self) -> None:
         """Write the resume state atomically (after checking that the trainable tensors are finite)."""
         self._check_weights()
         rngs = all_gather_object(_rng_state(), self.env)
         self.saved_step = self.progress.global_step
+        trainable = {name: _full(p.detach()).cpu() for name, p in _trainable(self.model).items()}
+        optimizer = self.optimizer.state_dict()
+        if self.fsdp:  # full tensors: the format of a DDP or 1-process run
+            optimizer["state"] = {
+                i: {k: _full(v).cpu() if isinstance(v, DTensor) else v for k, v in per.items()}
+                for i, per in optimizer["state"].items()
+            }
         if not self.env.is_main:
             return
-        trainable = _trainable(self.model)
         state = {
             "format": CHECKPOINT_FORMAT,
             "run_config": self.run_config,
-            "trainable": {name: p.detach().cpu() for name, p in trainable.items()},
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": rngs,  # one per rank
             "progress": asdict(self.progress),
@@ -264,8 +318,14 @@ class TrainLoop:
             raise ResumeError(f"{self.checkpoint_path} holds other trainable tensors than this model")
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
-                trainable[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
+                trainable[name].copy_(_like(tensor, trainable[name]))
+        optimizer = state["optimizer"]
+        params = [q for group in self.optimizer.param_groups for q in group["params"]]
+        for i, per in optimizer["state"].items():
+            for k, v in per.items():
+                if isinstance(v, Tensor) and v.shape == params[int(i)].shape:
+                    per[k] = _like(v, params[int(i)])
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) != self.env.world_size:
@@ -295,10 +355,25 @@ class TrainLoop:
         finally:
             if writer is not None:
                 writer.close()
-        if self.env.is_main:
-            save_adapter(self.model, self.out / "last")
+        self._save_adapter("last")
         self.env.barrier()  # the adapters are on disk before any rank goes on to use them
         return self.progress
+
+    def _micro_batches(self, batch: list[int], shard: list[int]) -> list[list[int]]:
+        """This rank's micro-batches; under FSDP as many on every rank as on the largest shard (``[]``: filler)."""
+        size = self.settings.micro_batch_size
+        micro = [shard[i : i + size] for i in range(0, len(shard), size)]
+        if self.fsdp:  # FSDP's forward and backward are collectives: every rank runs as many
+            largest = math.ceil(len(batch) / self.env.world_size)
+            micro += [[]] * (math.ceil(largest / size) - len(micro))
+        return micro
+
+    def _save_adapter(self, folder: str) -> None:
+        """Rank 0 writes the adapter to ``out/folder`` (the sharded tensors gathered on every rank first)."""
+        base = getattr(self.model, "_neat_unsharded_base", None)
+        tensors = {n: _full(q.detach()).cpu() for n, q in _trainable(self.model).items()} if base else None
+        if self.env.is_main:
+            save_adapter(self.model, self.out / folder, tensors=tensors, base=base)
 
     def _sync(self, trainable: list[nn.Parameter], stats: Tensor) -> Tensor:
         """Sum the gradients and ``stats`` over ranks (identity when single-process); return the summed stats.
@@ -307,6 +382,9 @@ class TrainLoop:
         """
         if not self.env.distributed:
             return stats
+        if self.fsdp:  # FSDP summed the gradients; the flag of this rank's gradient shards joins the stats
+            local = nonfinite_flag((None if q.grad is None else _local(q.grad) for q in trainable), self.device)
+            return all_reduce_sum(torch.cat([stats, local.view(1)]), self.env)
         present = torch.tensor([q.grad is not None for q in trainable], dtype=torch.float64, device=self.device)
         stats = all_reduce_sum(torch.cat([stats, present]), self.env)
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in trainable]
@@ -328,21 +406,23 @@ class TrainLoop:
             terms = 0
             sync = self.net.no_sync() if isinstance(self.net, DistributedDataParallel) else contextlib.nullcontext()
             with sync:
-                for i in range(0, len(indices), s.micro_batch_size):
+                for micro in self._micro_batches(batches[p.step_in_epoch], indices):
                     with self._autocast():
-                        loss, n = self.loss_fn(indices[i : i + s.micro_batch_size])
-                    loss.backward()
-                    total += loss.detach().float()
-                    terms += n
+                        loss, n = self.loss_fn(micro or batches[p.step_in_epoch][:1])
+                    (loss if micro else loss * 0).backward()
+                    total += loss.detach().float() if micro else 0.0
+                    terms += n if micro else 0
             pending = self._weights_flag if self._weights_flag is not None else torch.zeros((), device=self.device)
             self._weights_flag = None
             count = torch.tensor(float(terms), dtype=torch.float64, device=self.device)
             stats = self._sync(trainable, torch.stack([total.double(), count, pending.double()]))
-            checks = torch.cat([stats, nonfinite_flag((q.grad for q in trainable), self.device).view(1)])
+            if not self.fsdp:
+                stats = torch.cat([stats, nonfinite_flag((q.grad for q in trainable), self.device).view(1)])
+            checks = stats
             step_loss, terms_sum, bad_weights, bad_grads = checks.tolist()  # the loop's one host sync per step
             terms = int(terms_sum)
             if bad_weights:
-                raise self._weights_error(nonfinite_names(_trainable(self.model)))
+                raise self._weights_error(nonfinite_names({n: _local(q) for n, q in _trainable(self.model).items()}))
             if not math.isfinite(step_loss) or bad_grads:
                 self.optimizer.zero_grad(set_to_none=True)
                 what = f"loss is {step_loss}" if not math.isfinite(step_loss) else "non-finite gradients"
@@ -358,7 +438,7 @@ class TrainLoop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self._weights_flag = nonfinite_flag(trainable, self.device)
+            self._weights_flag = nonfinite_flag((_local(q) for q in trainable), self.device)
             p.global_step += 1
             p.step_in_epoch += 1
             p.epoch_loss += step_loss
@@ -389,8 +469,7 @@ class TrainLoop:
             best = p.best[metric] if p.best is not None else None
             if best is None or (row[metric] > best if s.maximize else row[metric] < best):
                 p.best = row
-                if self.env.is_main:
-                    save_adapter(self.model, self.out / "best")
+                self._save_adapter("best")
         p.epoch += 1
         p.step_in_epoch = 0
         p.epoch_loss = 0.0
