@@ -430,8 +430,18 @@ def trained_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the trained state (`trained_state`) and the adapter config to the folder ``path``; return it."""
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    base: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> Path:
+    """Write the trained state (`trained_state`) and the adapter config to the folder ``path``; return it.
+
+    A sharded model (FSDP) passes its gathered trainable ``tensors`` and ``base`` = ``(describe_base(model),
+    fingerprint(model))`` taken before it was sharded.
+    """
     from safetensors.torch import save_file
 
     config = getattr(model, "neat_config", None)
@@ -439,14 +449,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError("save_adapter: this model has no adapter (apply_neat or create_model(neat=...) first)")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.detach().cpu().contiguous() for n, t in trained_state(model).items()}
+    if tensors is None:
+        tensors = {n: t.detach() for n, t in trained_state(model).items()}
+    tensors = {n: t.cpu().contiguous() for n, t in tensors.items()}
+    described, base_fingerprint = base if base is not None else (describe_base(model), fingerprint(model))
     meta = {
         "format": FORMAT,
         "version": 1,
         "method": config.method,
         "config": config.identity_dict(),
-        "base": describe_base(model),
-        "fingerprint": fingerprint(model),
+        "base": described,
+        "fingerprint": base_fingerprint,
         "tensors": sorted(tensors),
     }
     atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))

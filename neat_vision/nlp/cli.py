@@ -50,7 +50,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 # settings that do not change a run's training (a resumed run may differ in these)
 NOT_TRAINING = {"config", "resume", "device", "output", "checkpoint_steps", "eval_batch_size", "eval_dir", "eval_sets"}
-NOT_TRAINING |= {"eval_limit", "max_new_tokens", "num_beams", "eval_only", "adapter"}
+# fsdp: the same sums and the same checkpoint format as DDP, so either may resume the other
+NOT_TRAINING |= {"eval_limit", "max_new_tokens", "num_beams", "eval_only", "adapter", "fsdp"}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,11 +155,6 @@ def load_pretrained(load: Callable[..., Any], name: str, *args: Any, **kwargs: A
     except (OSError, ValueError) as err:  # a missing folder; a name that is neither a folder nor a hub id
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"--model / --tokenizer {name!r} cannot be loaded: {first[:300]}") from err
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``name``, or cuda when available, else cpu."""
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,6 +8,11 @@ best epoch's adapter in ``<output>/best``. Writes ``results.json`` (best and per
 ``summary.csv``, TensorBoard events in ``tb/`` and ``checkpoint.pt`` (``--resume`` continues it). Exit
 code 0 on success, 2 on a bad setting or file (one ``error:`` line), 3 when the run diverged (non-finite loss,
 gradients or weights; the last good checkpoint is kept).
+
+    torchrun --nproc_per_node 4 -m neat_vision.nlp.glue --config ...   # DDP; --batch-size stays the global batch
+
+Under torchrun each rank trains on its shard of every batch and evaluates every N-th dev batch (the
+predictions are gathered, so the metrics are those of the whole dev set); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from ..adapter import trainable_summary
 from ..config import NeatConfig
+from ..engine.distributed import DistEnv, all_gather_object, setup_distributed
 from ..errors import OneLineParser
 from .apply import apply_neat, load_tokenizer
 from .cli import (
@@ -34,11 +40,10 @@ from .cli import (
     exit_code,
     load_pretrained,
     parse_args,
-    resolve_device,
     run_config,
 )
 from .glue_data import TASKS, Example, get_task, load_glue
-from .loop import LoopSettings, TrainLoop, check_output, make_optimizer, prepare_model
+from .loop import LoopSettings, TrainLoop, check_output, distribute, make_optimizer, prepare_model, seed_rank
 from .metrics import TASK_METRICS, glue_metrics, primary_metric
 
 
@@ -66,11 +71,15 @@ def _encode(
     return features
 
 
-def train_glue(args: argparse.Namespace) -> dict[str, object]:
-    """Run one GLUE fine-tuning described by parsed ``args``; return the results (also in results.json)."""
+def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str, object]:
+    """Run one GLUE fine-tuning described by parsed ``args``; return the results (also in results.json).
+
+    ``env`` is this process's place in a torchrun job (`setup_distributed`); default: alone on ``--device``.
+    """
     task = get_task(args.task)
     check_output(args.output, args.resume)
-    device = resolve_device(args.device)
+    env = env or setup_distributed(args.device)
+    device = env.device
     dtype = DTYPES[args.dtype]
     neat = NeatConfig.coerce(args.neat)
     train_examples, dev_examples = load_glue(task, args.data_dir)
@@ -87,19 +96,21 @@ def train_glue(args: argparse.Namespace) -> dict[str, object]:
         model.config.pad_token_id = tokenizer.pad_token_id
     apply_neat(model, neat)
     model = prepare_model(model, device=device, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
+    net = distribute(model, env)
+    seed_rank(args.seed, env)
 
     train = _encode(tokenizer, train_examples, args.max_length)
     dev = _encode(tokenizer, dev_examples, args.max_length)
     label_dtype = torch.float32 if task.is_regression else torch.long
 
-    def forward(features: Sequence[dict[str, object]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(features: Sequence[dict[str, object]], module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         batch = tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features], return_tensors="pt")
-        logits = model(**batch.to(device)).logits.float()
+        logits = module(**batch.to(device)).logits.float()
         labels = torch.tensor([f["labels"] for f in features], dtype=label_dtype, device=device)
         return logits, labels
 
     def loss_fn(indices: list[int]) -> tuple[torch.Tensor, int]:
-        logits, labels = forward([train[i] for i in indices])
+        logits, labels = forward([train[i] for i in indices], net)
         if task.is_regression:
             return F.mse_loss(logits.squeeze(-1), labels, reduction="sum"), len(indices)
         return F.cross_entropy(logits, labels, reduction="sum"), len(indices)
@@ -109,12 +120,15 @@ def train_glue(args: argparse.Namespace) -> dict[str, object]:
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         model.eval()
-        predictions, labels = [], []
-        for start in range(0, len(dev), eval_batch):
-            logits, batch_labels = forward(dev[start : start + eval_batch])
-            predictions.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
-            labels.append(batch_labels)
-        return glue_metrics(task.name, torch.cat(predictions).cpu().numpy(), torch.cat(labels).cpu().numpy())
+        mine = {}  # dev batch number -> (predictions, labels); batch b is rank b % world_size's
+        for b, start in enumerate(range(0, len(dev), eval_batch)):
+            if b % env.world_size == env.rank:
+                logits, batch_labels = forward(dev[start : start + eval_batch], model)
+                predictions = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
+                mine[b] = (predictions.cpu(), batch_labels.cpu())
+        gathered = {b: pair for part in all_gather_object(mine, env) for b, pair in part.items()}
+        predictions, labels = zip(*(gathered[b] for b in sorted(gathered)))
+        return glue_metrics(task.name, torch.cat(predictions).numpy(), torch.cat(labels).numpy())
 
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
     optimizer = make_optimizer(model, args.lr, args.head_lr, args.weight_decay)
@@ -140,6 +154,8 @@ def train_glue(args: argparse.Namespace) -> dict[str, object]:
         settings=settings,
         out=args.output,
         run_config=run_config(args),
+        env=env,
+        net=net,
     )
     progress = loop.run(resume=args.resume)
     results = {
@@ -151,17 +167,25 @@ def train_glue(args: argparse.Namespace) -> dict[str, object]:
         "train_examples": len(train),
         "dev_examples": len(dev),
     }
-    (Path(args.output) / "results.json").write_text(json.dumps(results, indent=2))
+    if env.is_main:
+        (Path(args.output) / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = parse_args(build_parser(), argv, required=("task", "lr", "batch_size", "epochs", "output"))
+    env = None
     try:
-        results = train_glue(args)
+        env = setup_distributed(args.device)
+        results = train_glue(args, env)
     except USER_ERRORS as err:
         return exit_code(err)
+    finally:
+        if env is not None:
+            env.close()
+    if not env.is_main:
+        return 0
     best = results["best"]
     scores = ", ".join(f"{k} {best[k]:.4f}" for k in TASK_METRICS[args.task])
     print(f"{args.task}: best epoch {best['epoch']}: {scores} -> {args.output}")

@@ -12,6 +12,14 @@ merged into the base weights so that generating costs what the base model costs.
 (every response and prediction), ``summary.csv``, ``tb/`` and ``checkpoint.pt`` (``--resume``).
 Exit code 0 on success, 2 on a bad setting or file (one ``error:`` line), 3 when the run diverged (non-finite
 loss, gradients or weights; the last good checkpoint is kept).
+
+    torchrun --nproc_per_node 4 -m neat_vision.nlp.instruct --config ...   # DDP; --batch-size stays global
+
+Under torchrun each rank trains on its shard of every batch, computes the validation loss of every N-th
+micro-batch and answers every N-th evaluation batch (sums and rows are gathered, so the results are those
+of the whole sets); rank 0 writes the files. ``--fsdp`` shards the model with FSDP2 (each decoder layer and
+the root) for models that do not fit one GPU; it trains only (evaluate ``<output>/last`` with ``--eval-only``),
+and its checkpoint and adapters hold the full tensors, as without it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from ..adapter import merge_and_unload, trainable_summary
 from ..config import NeatConfig
+from ..engine.distributed import DistEnv, all_gather_object, all_reduce_sum, setup_distributed
 from ..errors import OneLineParser
 from .answers import get_evaluator, reference_answer
 from .apply import apply_neat, load_adapter, load_tokenizer
@@ -40,11 +49,10 @@ from .cli import (
     exit_code,
     load_pretrained,
     parse_args,
-    resolve_device,
     run_config,
 )
 from .instruct_data import load_records, pad_batch, prompt, tokenize_record
-from .loop import LoopSettings, TrainLoop, check_output, make_optimizer, prepare_model
+from .loop import LoopSettings, TrainLoop, check_output, distribute, make_optimizer, prepare_model, seed_rank
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate --adapter")
     parser.add_argument("--adapter", help="adapter folder to evaluate with --eval-only")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun; trains only)")
     return parser
 
 
@@ -85,14 +94,21 @@ def evaluate_set(
     num_beams: int,
     batch_size: int,
     autocast_dtype: torch.dtype | None,
+    env: DistEnv | None = None,
 ) -> dict[str, Any]:
-    """Answer ``records`` by generation (left-padded batches, greedy or beam search) and score them."""
+    """Answer ``records`` by generation (left-padded batches, greedy or beam search) and score them.
+
+    Under torchrun batch ``b`` is answered by rank ``b % world_size`` and every rank returns all the rows.
+    """
     evaluator = get_evaluator(name)
     device = next(model.parameters()).device
     model.eval()
-    rows, correct = [], 0
-    for start in range(0, len(records), batch_size):
+    mine: dict[int, list[dict[str, Any]]] = {}
+    for b, start in enumerate(range(0, len(records), batch_size)):
+        if env is not None and b % env.world_size != env.rank:
+            continue
         batch = records[start : start + batch_size]
+        rows = mine.setdefault(b, [])
         prompts = [prompt(r["instruction"], r["input"]) for r in batch]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -109,18 +125,29 @@ def evaluate_set(
             answer = reference_answer(record)
             prediction = evaluator.extract(response)
             ok = bool(evaluator.correct(prediction, answer))
-            correct += ok
             rows.append({**record, "response": response, "prediction": prediction, "correct": ok})
+    parts = all_gather_object(mine, env) if env is not None else [mine]
+    gathered = {b: batch_rows for part in parts for b, batch_rows in part.items()}
+    rows = [row for b in sorted(gathered) for row in gathered[b]]
+    correct = sum(row["correct"] for row in rows)
     return {"accuracy": correct / max(len(records), 1), "correct": correct, "total": len(records), "rows": rows}
 
 
-def run_instruct(args: argparse.Namespace) -> dict[str, Any]:
-    """Train (unless ``--eval-only``) and evaluate as ``args`` describe; return the results (also results.json)."""
+def run_instruct(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str, Any]:
+    """Train (unless ``--eval-only``) and evaluate as ``args`` describe; return the results (also results.json).
+
+    ``env`` is this process's place in a torchrun job (`setup_distributed`); default: alone on ``--device``.
+    """
     for name in args.eval_sets:
         get_evaluator(name)  # an unknown set fails now, not after training
     if args.eval_sets and not args.eval_dir:
         raise ValueError("--eval-sets needs --eval-dir (the folder of <name>/test.json); --eval-sets alone skips them")
     eval_files = {name: _eval_file(args.eval_dir, name) for name in args.eval_sets}
+    if args.fsdp and (args.eval_only or args.eval_sets):
+        raise ValueError(
+            "--fsdp trains only: leave out --eval-sets / --eval-only and evaluate <output>/last afterwards with "
+            "--eval-only --adapter (DDP or one process)"
+        )
     if args.eval_only and not args.adapter:
         raise ValueError("--eval-only needs --adapter (a folder written by a training run, e.g. <output>/last)")
     if not args.eval_only:
@@ -130,7 +157,8 @@ def run_instruct(args: argparse.Namespace) -> dict[str, Any]:
         if missing:
             raise ValueError(f"missing setting(s) {', '.join(missing)} for training (or --eval-only --adapter DIR)")
         check_output(args.output, args.resume)
-    device = resolve_device(args.device)
+    env = env or setup_distributed(args.device)
+    device = env.device
     dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     tokenizer = load_pretrained(load_tokenizer, args.tokenizer or args.model)
@@ -144,10 +172,12 @@ def run_instruct(args: argparse.Namespace) -> dict[str, Any]:
         model = prepare_model(model, device=device, dtype=dtype, gradient_checkpointing=False)
     else:
         apply_neat(model, NeatConfig.coerce(args.neat))
-        model = prepare_model(model, device=device, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
-        results = _train(model, tokenizer, args, dtype)
+        place = torch.device("cpu") if args.fsdp else device  # FSDP moves each rank's shard to its device
+        model = prepare_model(model, device=place, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
+        results = _train(model, tokenizer, args, dtype, env)
     results["params"] = trainable_summary(model)
-    merge_and_unload(model)  # generation then costs what the base model costs
+    if eval_files:
+        merge_and_unload(model)  # generation then costs what the base model costs
     results["eval"] = {}
     for name, path in eval_files.items():
         scored = evaluate_set(
@@ -159,16 +189,22 @@ def run_instruct(args: argparse.Namespace) -> dict[str, Any]:
             num_beams=args.num_beams,
             batch_size=args.eval_batch_size,
             autocast_dtype=dtype,
+            env=env,
         )
-        (out / "eval").mkdir(parents=True, exist_ok=True)
-        (out / "eval" / f"{name}.json").write_text(json.dumps(scored.pop("rows"), indent=2))
+        rows = scored.pop("rows")
+        if env.is_main:
+            (out / "eval").mkdir(parents=True, exist_ok=True)
+            (out / "eval" / f"{name}.json").write_text(json.dumps(rows, indent=2))
         results["eval"][name] = scored
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
-def _train(model: Any, tokenizer: Any, args: argparse.Namespace, dtype: torch.dtype | None) -> dict[str, Any]:
+def _train(
+    model: Any, tokenizer: Any, args: argparse.Namespace, dtype: torch.dtype | None, env: DistEnv
+) -> dict[str, Any]:
     records = load_records(args.data)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed)).tolist()
     features = []  # int32 tensors: a tenth of the memory of lists for MetaMathQA's 395K records
@@ -176,12 +212,16 @@ def _train(model: Any, tokenizer: Any, args: argparse.Namespace, dtype: torch.dt
         tokens = tokenize_record(tokenizer, records[i], args.cutoff_len)
         features.append({key: torch.tensor(value, dtype=torch.int32) for key, value in tokens.items()})
     val, train = features[: args.val_size], features[args.val_size :]
-    device = next(model.parameters()).device
+    device = env.device
     model.config.use_cache = False
+    net = distribute(model, env, fsdp=args.fsdp)
+    seed_rank(args.seed, env)
 
-    def loss_sum(batch_features: Sequence[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    def loss_sum(
+        batch_features: Sequence[dict[str, torch.Tensor]], module: torch.nn.Module = net
+    ) -> tuple[torch.Tensor, int]:
         batch = {k: v.to(device) for k, v in pad_batch(batch_features, tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
         return loss, int((targets != -100).sum())
@@ -191,11 +231,12 @@ def _train(model: Any, tokenizer: Any, args: argparse.Namespace, dtype: torch.dt
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         model.eval()
-        total, terms = 0.0, 0
-        for start in range(0, len(val), micro):
-            loss, n = loss_sum(val[start : start + micro])
-            total += loss.item()
-            terms += n
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, answer tokens
+        for b, start in enumerate(range(0, len(val), micro)):
+            if args.fsdp or b % env.world_size == env.rank:  # FSDP's forward is a collective: all ranks run all
+                loss, n = loss_sum(val[start : start + micro], model)
+                sums += torch.stack([loss.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+        total, terms = (sums if args.fsdp else all_reduce_sum(sums, env)).tolist()
         return {"val_loss": total / max(terms, 1)}
 
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
@@ -222,6 +263,8 @@ def _train(model: Any, tokenizer: Any, args: argparse.Namespace, dtype: torch.dt
         settings=settings,
         out=args.output,
         run_config=run_config(args),
+        env=env,
+        net=net,
     )
     progress = loop.run(resume=args.resume)
     model.config.use_cache = True
@@ -231,10 +274,17 @@ def _train(model: Any, tokenizer: Any, args: argparse.Namespace, dtype: torch.dt
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = parse_args(build_parser(), argv, required=("model", "output"))
+    env = None
     try:
-        results = run_instruct(args)
+        env = setup_distributed(args.device)
+        results = run_instruct(args, env)
     except USER_ERRORS as err:
         return exit_code(err)
+    finally:
+        if env is not None:
+            env.close()
+    if not env.is_main:
+        return 0
     for name, scored in results["eval"].items():
         print(f"{name}: accuracy {scored['accuracy']:.4f} ({scored['correct']}/{scored['total']})")
     print(f"-> {args.output}")

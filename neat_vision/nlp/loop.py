@@ -11,6 +11,14 @@ Written out rather than delegated to the HF ``Trainer`` so that its guarantees a
   sync per step the loop makes anyway); the checkpoint the message calls good is read back and verified.
 - Accumulation is exact: micro-batch losses are summed, and the gradient is divided by the number of
   loss terms (examples or answer tokens) of the whole batch, as if it were one forward pass.
+- Under torchrun (DDP) every rank takes a contiguous shard of each global batch (``batch_size`` is the
+  global batch whatever the number of processes) and accumulates it under ``no_sync``; one all-reduce then
+  *sums* the gradients (DDP's averaging is not used, so no division by the world size is to undo) and one
+  sums the loss, the loss-term count and the non-finite flags, so every rank takes the same decisions.
+  Rank 0 writes the checkpoint (holding every rank's RNG state), TensorBoard, the summary and the adapters.
+- With FSDP2 (`distribute(..., fsdp=True)`) the gradients are reduce-scattered as sums by FSDP itself, every
+  rank runs the same number of micro-batches (an empty one forwards a real example with weight 0), and the
+  checkpoint and adapters hold the gathered full tensors, so their format is that of a DDP or 1-process run.
 """
 
 from __future__ import annotations
@@ -26,9 +34,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from ..adapter import atomic_write, neat_parameters, remove_stale_temporaries, save_adapter
+from ..adapter import atomic_write, describe_base, fingerprint, neat_parameters, remove_stale_temporaries, save_adapter
+from ..engine.distributed import DistEnv, all_gather_object, all_reduce_sum
 from ..errors import one_line
 from ..finite import checkpoint_nonfinite, nonfinite_flag, nonfinite_names
 
@@ -79,6 +90,73 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def rank_shard(indices: Sequence[int], env: DistEnv) -> list[int]:
+    """This rank's contiguous part of a global batch (sizes differ by at most one; a part may be empty)."""
+    n, world = len(indices), env.world_size
+    return list(indices[env.rank * n // world : (env.rank + 1) * n // world])
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor (a collective for a sharded one: every rank must call it, in the same order)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(full: Tensor, param: Tensor) -> Tensor:
+    """``full`` sharded as ``param`` is (as is when ``param`` is a plain tensor)."""
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full.to(_local(param).device), param.device_mesh, param.placements)
+
+
+def distribute(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
+    """``model`` wrapped in DDP when ``env`` is distributed (the loop syncs gradients itself), else ``model``.
+
+    ``broadcast_buffers=False``: the loop runs every forward under ``no_sync`` and ranks may run different
+    numbers of them (an empty shard runs none), so no collective may ride on the forward pass.
+    ``fsdp``: shard ``model`` (on the CPU until now) in place with FSDP2 onto ``env.device``, each decoder layer
+    (the classes of HF's ``_no_split_modules``) and the root, gradients reduced as sums; returns ``model``.
+    """
+    if fsdp:
+        return _fully_shard(model, env)
+    if not env.distributed:
+        return model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _fully_shard(model: nn.Module, env: DistEnv) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if not env.distributed:
+        raise ValueError("--fsdp needs a torchrun job (torchrun --nproc_per_node N -m ...); alone, leave it out")
+    classes = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ValueError(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard")
+    # the adapter files describe the base as it is whole; computed once (the base weights are frozen)
+    model._neat_unsharded_base = (describe_base(model), fingerprint(model))
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sums, like the DDP path
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
+def seed_rank(seed: int, env: DistEnv) -> None:
+    """Per-rank training randomness (dropout) after an identical initialisation; single-process runs keep theirs."""
+    if env.distributed:
+        torch.manual_seed(seed * 1_000_003 + env.rank)
+
+
 def check_output(out: str | Path, resume: bool) -> None:
     """Fail early unless ``out`` holds a checkpoint exactly when resuming (a fresh run never overwrites one)."""
     out = Path(out)
@@ -121,6 +199,8 @@ class TrainLoop:
     ``loss_fn(indices) -> (summed loss, number of loss terms)`` runs the forward pass of one micro-batch;
     ``evaluate() -> metrics`` runs after each epoch (``settings.select_metric`` picks the best epoch, whose
     adapter goes to ``out/best``). ``run_config`` is stored in the checkpoint; resuming with another fails.
+    ``loss_fn`` gets this rank's shard of each batch and forwards through ``net`` (`distribute`'s wrapper);
+    ``evaluate`` must return the same metrics on every rank.
     """
 
     def __init__(
@@ -135,8 +215,13 @@ class TrainLoop:
         settings: LoopSettings,
         out: str | Path,
         run_config: dict[str, Any],
+        env: DistEnv | None = None,
+        net: nn.Module | None = None,
     ) -> None:
         self.model = model
+        self.env = env or DistEnv(next(model.parameters()).device)
+        self.net = net if net is not None else model
+        self.fsdp = any(isinstance(q, DTensor) for q in _trainable(model).values())
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.n_train = n_train
@@ -146,7 +231,7 @@ class TrainLoop:
         self.out = Path(out)
         self.run_config = run_config
         self.progress = Progress()
-        self.device = next(model.parameters()).device
+        self.device = _local(next(model.parameters())).device
         self.saved_step: int | None = None
         # 1.0 when the last optimizer step left a non-finite trainable tensor; read at the next host sync
         self._weights_flag: Tensor | None = None
@@ -163,6 +248,8 @@ class TrainLoop:
         """What is on disk to fall back on, verified: the checkpoint is read back and its tensors checked."""
         if self.saved_step is None:
             return "no checkpoint was written yet (see --checkpoint-steps)"
+        if not self.env.is_main:
+            return f"rank 0 reports on {self.checkpoint_path}"
         bad = checkpoint_nonfinite(self.checkpoint_path, ("trainable", "optimizer"))
         if bad is None:
             return f"the last checkpoint {self.checkpoint_path} cannot be read back: do not resume from it"
@@ -181,25 +268,34 @@ class TrainLoop:
     def _check_weights(self) -> None:
         """Stop when the last optimizer step made a trainable tensor non-finite."""
         flag, self._weights_flag = self._weights_flag, None
-        if flag is not None and flag.item():
-            raise self._weights_error(nonfinite_names(_trainable(self.model)))
+        if flag is not None and all_reduce_sum(flag.clone(), self.env).item():
+            raise self._weights_error(nonfinite_names({n: _local(q) for n, q in _trainable(self.model).items()}))
 
     def save_checkpoint(self) -> None:
         """Write the resume state atomically (after checking that the trainable tensors are finite)."""
         self._check_weights()
-        trainable = _trainable(self.model)
+        rngs = all_gather_object(_rng_state(), self.env)
+        self.saved_step = self.progress.global_step
+        trainable = {name: _full(p.detach()).cpu() for name, p in _trainable(self.model).items()}
+        optimizer = self.optimizer.state_dict()
+        if self.fsdp:  # full tensors: the format of a DDP or 1-process run
+            optimizer["state"] = {
+                i: {k: _full(v).cpu() if isinstance(v, DTensor) else v for k, v in per.items()}
+                for i, per in optimizer["state"].items()
+            }
+        if not self.env.is_main:
+            return
         state = {
             "format": CHECKPOINT_FORMAT,
             "run_config": self.run_config,
-            "trainable": {name: p.detach().cpu() for name, p in trainable.items()},
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rngs,  # one per rank
             "progress": asdict(self.progress),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
-        self.saved_step = self.progress.global_step
 
     def load_checkpoint(self) -> None:
         """Restore the state of ``out/checkpoint.pt``; it must come from the same ``run_config``."""
@@ -222,51 +318,111 @@ class TrainLoop:
             raise ResumeError(f"{self.checkpoint_path} holds other trainable tensors than this model")
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
-                trainable[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
+                trainable[name].copy_(_like(tensor, trainable[name]))
+        optimizer = state["optimizer"]
+        params = [q for group in self.optimizer.param_groups for q in group["params"]]
+        for i, per in optimizer["state"].items():
+            for k, v in per.items():
+                if isinstance(v, Tensor) and v.shape == params[int(i)].shape:
+                    per[k] = _like(v, params[int(i)])
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) != self.env.world_size:
+            raise ResumeError(
+                f"{self.checkpoint_path} was written by {len(rngs)} process(es), this run has "
+                f"{self.env.world_size}: resume with the same number (each rank's random state is restored)"
+            )
+        _set_rng_state(rngs[self.env.rank])
         self.progress = Progress(**state["progress"])
         self.saved_step = self.progress.global_step
 
     def run(self, resume: bool = False) -> Progress:
         """Train from the start (``out`` must hold no checkpoint) or from ``out/checkpoint.pt``."""
         check_output(self.out, resume)
-        for folder in (self.out, self.out / "best", self.out / "last"):
-            remove_stale_temporaries(folder)
+        self.env.barrier()  # no rank sees rank 0's first checkpoint as one in the way
+        if self.env.is_main:
+            for folder in (self.out, self.out / "best", self.out / "last"):
+                remove_stale_temporaries(folder)
         if resume:
             self.load_checkpoint()
         purge = self.progress.global_step if resume else None
-        with SummaryWriter(str(self.out / "tb"), purge_step=purge) as writer:
+        writer = SummaryWriter(str(self.out / "tb"), purge_step=purge) if self.env.is_main else None
+        try:
             while self.progress.epoch < self.settings.epochs:
                 self._train_epoch(writer)
                 self._end_epoch(writer)
-        save_adapter(self.model, self.out / "last")
+        finally:
+            if writer is not None:
+                writer.close()
+        self._save_adapter("last")
+        self.env.barrier()  # the adapters are on disk before any rank goes on to use them
         return self.progress
 
-    def _train_epoch(self, writer: SummaryWriter) -> None:
+    def _micro_batches(self, batch: list[int], shard: list[int]) -> list[list[int]]:
+        """This rank's micro-batches; under FSDP as many on every rank as on the largest shard (``[]``: filler)."""
+        size = self.settings.micro_batch_size
+        micro = [shard[i : i + size] for i in range(0, len(shard), size)]
+        if self.fsdp:  # FSDP's forward and backward are collectives: every rank runs as many
+            largest = math.ceil(len(batch) / self.env.world_size)
+            micro += [[]] * (math.ceil(largest / size) - len(micro))
+        return micro
+
+    def _save_adapter(self, folder: str) -> None:
+        """Rank 0 writes the adapter to ``out/folder`` (the sharded tensors gathered on every rank first)."""
+        base = getattr(self.model, "_neat_unsharded_base", None)
+        tensors = {n: _full(q.detach()).cpu() for n, q in _trainable(self.model).items()} if base else None
+        if self.env.is_main:
+            save_adapter(self.model, self.out / folder, tensors=tensors, base=base)
+
+    def _sync(self, trainable: list[nn.Parameter], stats: Tensor) -> Tensor:
+        """Sum the gradients and ``stats`` over ranks (identity when single-process); return the summed stats.
+
+        A tensor without a gradient on every rank keeps none (the optimizer then skips it, as alone).
+        """
+        if not self.env.distributed:
+            return stats
+        if self.fsdp:  # FSDP summed the gradients; the flag of this rank's gradient shards joins the stats
+            local = nonfinite_flag((None if q.grad is None else _local(q.grad) for q in trainable), self.device)
+            return all_reduce_sum(torch.cat([stats, local.view(1)]), self.env)
+        present = torch.tensor([q.grad is not None for q in trainable], dtype=torch.float64, device=self.device)
+        stats = all_reduce_sum(torch.cat([stats, present]), self.env)
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in trainable]
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), self.env) if grads else None
+        offset = 0
+        for q, g, seen in zip(trainable, grads, stats[len(stats) - len(trainable) :].tolist()):
+            q.grad = flat[offset : offset + g.numel()].view_as(q).clone() if seen else None
+            offset += g.numel()
+        return stats[: len(stats) - len(trainable)]
+
+    def _train_epoch(self, writer: SummaryWriter | None) -> None:
         s, p = self.settings, self.progress
         batches = epoch_batches(self.n_train, s.batch_size, s.seed, p.epoch)
         trainable = list(_trainable(self.model).values())
         self.model.train()
         while p.step_in_epoch < len(batches):
-            indices = batches[p.step_in_epoch]
+            indices = rank_shard(batches[p.step_in_epoch], self.env)
             total = torch.zeros((), device=self.device)
             terms = 0
-            for i in range(0, len(indices), s.micro_batch_size):
-                with self._autocast():
-                    loss, n = self.loss_fn(indices[i : i + s.micro_batch_size])
-                loss.backward()
-                total += loss.detach().float()
-                terms += n
+            sync = self.net.no_sync() if isinstance(self.net, DistributedDataParallel) else contextlib.nullcontext()
+            with sync:
+                for micro in self._micro_batches(batches[p.step_in_epoch], indices):
+                    with self._autocast():
+                        loss, n = self.loss_fn(micro or batches[p.step_in_epoch][:1])
+                    (loss if micro else loss * 0).backward()
+                    total += loss.detach().float() if micro else 0.0
+                    terms += n if micro else 0
             pending = self._weights_flag if self._weights_flag is not None else torch.zeros((), device=self.device)
             self._weights_flag = None
-            checks = torch.stack(
-                [total.double(), nonfinite_flag((q.grad for q in trainable), self.device), pending.double()]
-            )
-            step_loss, bad_grads, bad_weights = checks.tolist()  # the loop's one host sync per step
+            count = torch.tensor(float(terms), dtype=torch.float64, device=self.device)
+            stats = self._sync(trainable, torch.stack([total.double(), count, pending.double()]))
+            if not self.fsdp:
+                stats = torch.cat([stats, nonfinite_flag((q.grad for q in trainable), self.device).view(1)])
+            checks = stats
+            step_loss, terms_sum, bad_weights, bad_grads = checks.tolist()  # the loop's one host sync per step
+            terms = int(terms_sum)
             if bad_weights:
-                raise self._weights_error(nonfinite_names(_trainable(self.model)))
+                raise self._weights_error(nonfinite_names({n: _local(q) for n, q in _trainable(self.model).items()}))
             if not math.isfinite(step_loss) or bad_grads:
                 self.optimizer.zero_grad(set_to_none=True)
                 what = f"loss is {step_loss}" if not math.isfinite(step_loss) else "non-finite gradients"
@@ -282,17 +438,18 @@ class TrainLoop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self._weights_flag = nonfinite_flag(trainable, self.device)
+            self._weights_flag = nonfinite_flag((_local(q) for q in trainable), self.device)
             p.global_step += 1
             p.step_in_epoch += 1
             p.epoch_loss += step_loss
             p.epoch_terms += terms
-            writer.add_scalar("train/loss", step_loss / max(terms, 1), p.global_step)
-            writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], p.global_step)
+            if writer is not None:
+                writer.add_scalar("train/loss", step_loss / max(terms, 1), p.global_step)
+                writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], p.global_step)
             if s.checkpoint_steps and p.global_step % s.checkpoint_steps == 0 and p.step_in_epoch < len(batches):
                 self.save_checkpoint()
 
-    def _end_epoch(self, writer: SummaryWriter) -> None:
+    def _end_epoch(self, writer: SummaryWriter | None) -> None:
         self._check_weights()  # before a non-finite model is evaluated or saved as the best adapter
         s, p = self.settings, self.progress
         row: dict[str, float] = {
@@ -304,7 +461,7 @@ class TrainLoop:
             with self._autocast():
                 row.update(self.evaluate())
         for key, value in row.items():
-            if key not in ("epoch", "step"):
+            if key not in ("epoch", "step") and writer is not None:
                 writer.add_scalar(("train/" if key == "train_loss" else "dev/") + key, value, p.global_step)
         p.history.append(row)
         metric = s.select_metric
@@ -312,13 +469,14 @@ class TrainLoop:
             best = p.best[metric] if p.best is not None else None
             if best is None or (row[metric] > best if s.maximize else row[metric] < best):
                 p.best = row
-                save_adapter(self.model, self.out / "best")
+                self._save_adapter("best")
         p.epoch += 1
         p.step_in_epoch = 0
         p.epoch_loss = 0.0
         p.epoch_terms = 0
         self.save_checkpoint()
-        _write_summary(self.out / "summary.csv", p.history)
+        if self.env.is_main:
+            _write_summary(self.out / "summary.csv", p.history)
 
 
 def prepare_model(
