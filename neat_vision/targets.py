@@ -8,7 +8,8 @@ output channels. A target is an alias or a regular expression:
   rows: ``q`` is chunk 0 of 3 of a fused ``qkv`` (or a whole ``q``), ``k``/``v`` are chunks 1/2 of ``qkv``
   or chunks 0/1 of a fused ``kv`` (or a whole ``k``/``v``), ``qkv`` is the fused layer as one block
   (or the separate q/k/v/kv layers), ``proj``/``fc1``/``fc2`` are themselves, ``mlp`` is fc1 + fc2. They
-  match linear layers and pointwise (1x1) convs, so ``mlp`` also takes a conv MLP (ConvNeXt's ``conv_mlp``),
+  match linear layers and pointwise (1x1) convs but never the classifier (it trains whole with ``train_head``),
+  so ``mlp`` also takes a conv MLP (ConvNeXt's ``conv_mlp``),
   and the spellings of other families: a layer wrapped with its norm (``qkv.linear``, ``fc1.conv``), LeViT's
   ``mlp.ln1``/``ln2``, Gemma's ``q_proj``/``o_proj``/``gate_proj``/``up_proj``/``down_proj``, SwiftFormer's
   ``to_query``/``to_key``.
@@ -150,11 +151,12 @@ def _block_convs(modules: Mapping[str, nn.Module], heads: Sequence[str]) -> dict
     return {
         n: m
         for n, m in modules.items()
-        if _is_conv(m)
-        and "." in n
-        and not _STEM_OR_HEAD.search(n)
-        and not any(n == h or n.startswith(h + ".") for h in heads)
+        if _is_conv(m) and "." in n and not _STEM_OR_HEAD.search(n) and not _in_head(n, heads)
     }
+
+
+def _in_head(name: str, heads: Sequence[str]) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in heads)
 
 
 def default_targets(model: nn.Module, aliases: AliasTable | None = None) -> list[str]:
@@ -166,15 +168,19 @@ def default_targets(model: nn.Module, aliases: AliasTable | None = None) -> list
 def _default_targets(model: nn.Module, table: AliasTable, modules: Mapping[str, nn.Module]) -> list[str]:
     """The ``default`` rule (module docstring): attention + MLP, else pointwise convs, else every block layer."""
 
+    heads = head_names(model)
+
     def matches(alias: str) -> bool:
-        return any(_alias_spans(alias, table[alias], modules))
+        try:
+            return any(_alias_spans(alias, table[alias], modules, heads))
+        except TargetError:  # a fused projection whose rows are not q | k | v (GCViT's global kv): not separable
+            return False
 
     mlp = ["mlp"] if matches("mlp") else []
     if matches("q") and matches("v"):
         return ["q", "v", *mlp]
     if matches("qkv"):
         return ["qkv", *mlp]
-    heads = head_names(model)
     convs = _block_convs(modules, heads)
     pointwise = ["pw"] if any(_is_pointwise(m) for m in convs.values()) else []
     if mlp or pointwise:
@@ -182,20 +188,23 @@ def _default_targets(model: nn.Module, table: AliasTable, modules: Mapping[str, 
     in_blocks = [
         n
         for n, m in modules.items()
-        if (n in convs if _is_conv(m) else "." in n and not _STEM_OR_HEAD.search(n) and n not in heads)
+        if (n in convs if _is_conv(m) else "." in n and not _STEM_OR_HEAD.search(n) and not _in_head(n, heads))
     ]
     return [re.escape(n) for n in in_blocks]
 
 
 def _alias_spans(
-    target: str, entries: Sequence[tuple[str, int | None, int]], modules: Mapping[str, nn.Module]
+    target: str,
+    entries: Sequence[tuple[str, int | None, int]],
+    modules: Mapping[str, nn.Module],
+    heads: Sequence[str],
 ) -> list[tuple[str, tuple[int, int]]]:
-    """``(module name, row span)`` of every module a name alias takes."""
+    """``(module name, row span)`` of every module a name alias takes (never the classifier: it trains whole)."""
     found = []
     for ending, chunk, n_chunks in entries:
         ending_pattern = re.compile(rf"(?:.*\.)?(?:{ending})")
         for name, module in modules.items():
-            if not ending_pattern.fullmatch(name) or not _name_alias_kind(module):
+            if not ending_pattern.fullmatch(name) or not _name_alias_kind(module) or _in_head(name, heads):
                 continue
             out = matrix_shape(module)[0]
             if chunk is None:
@@ -228,6 +237,7 @@ def resolve_targets(
     table = dict(DEFAULT_ALIASES)
     table.update(aliases or {})
     modules = adaptable_modules(model)
+    heads = head_names(model)
     rows: dict[str, list[tuple[int, int]]] = {}
     if DEFAULT in targets:
         targets = [t for t in targets if t != DEFAULT] + _default_targets(model, table, modules)
@@ -235,11 +245,11 @@ def resolve_targets(
     for target in targets:
         found = False
         if target in table:
-            for name, span in _alias_spans(target, table[target], modules):
+            for name, span in _alias_spans(target, table[target], modules, heads):
                 rows.setdefault(name, []).append(span)
                 found = True
         elif target in KIND_ALIASES:
-            for name, module in _block_convs(modules, head_names(model)).items():
+            for name, module in _block_convs(modules, heads).items():
                 if KIND_ALIASES[target](module):
                     rows.setdefault(name, []).append((0, matrix_shape(module)[0]))
                     found = True
