@@ -90,7 +90,23 @@ def build_model(args: argparse.Namespace, num_classes: int, *, meta: bool = Fals
         if not file.is_file():
             raise FileNotFoundError(f"pretrained_file={args.pretrained_file!r}: no such file")
         kwargs["pretrained_cfg_overlay"] = {"file": str(file)}
-    return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    if getattr(args, "head_init", "timm") == "zero":
+        zero_head(model)
+    return model
+
+
+def zero_head(model: nn.Module) -> None:
+    """Set the new classifier's weights and bias to zero (the usual start for transfer; timm's own init of
+    some heads, e.g. EfficientNet's uniform(+-1/sqrt(classes)), gives logits in the tens on pretrained features).
+    """
+    head = model.get_classifier()
+    params = list(head.parameters()) if isinstance(head, nn.Module) else []
+    if not params:
+        raise ValueError(f"head_init='zero': {type(model).__name__} has no classifier parameters (num_classes=0?)")
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
 
 
 def build_adapter(model: nn.Module, args: argparse.Namespace) -> nn.Module:
