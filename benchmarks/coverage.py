@@ -17,6 +17,7 @@ a zero gain passes no gradient to the branch behind it (pretrained gains are not
 
     python benchmarks/coverage.py                      # every family -> benchmarks/COVERAGE.md
     python benchmarks/coverage.py --families resnet beit --out /tmp/c.md
+    python benchmarks/coverage.py --update --families csatv2   # recheck rows of the committed table
 
 ``tests/test_coverage.py`` runs the same checks on a table of tiny configurations.
 """
@@ -27,6 +28,7 @@ import argparse
 import copy
 import gc
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -278,18 +280,31 @@ def read_archs(table: Path) -> dict[str, str]:
     return archs
 
 
+def read_rows(table: Path) -> list[dict[str, Any]]:
+    """The rows of a table this script wrote."""
+    keys = ("family", "arch", "size", "targets", "layers", "status", "reason")
+    rows = []
+    for line in table.read_text().splitlines():
+        if not line.startswith("| ") or line.startswith("| family |"):
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+        if len(cells) == len(keys):
+            rows.append(dict(zip(keys, cells)))
+    return rows
+
+
 def families() -> list[str]:
     """timm's model modules (neat_vision registers its own models in a module named ``models``; not timm's)."""
     return [m for m in timm.list_modules() if m != "models"]
 
 
-def write_table(rows: list[dict[str, Any]], out: Path, seconds: float, command: str) -> None:
+def write_table(rows: list[dict[str, Any]], out: Path, seconds: float, command: str, updated: str = "") -> None:
     ok = sum(r["status"] == "ok" for r in rows)
     lines = [
         "# timm model families: NEAT, LoRA and FourierFT adapt and train",
         "",
         f"{ok} of {len(rows)} families pass every check (timm {timm.__version__}, torch {torch.__version__}, "
-        f"neat-vision {neat_vision.__version__}, {platform.machine()} CPU, {seconds / 60:.1f} min).",
+        f"neat-vision {neat_vision.__version__}, {platform.machine()} CPU, {seconds / 60:.1f} min).{updated}",
         "",
         f'Command: `{command}`. Each family\'s smallest architecture, `pretrained=False`, `targets="default"`; '
         "for NEAT (r 2), LoRA (r 2) and FourierFT (n 16): every adapted layer reached, output identical at init, "
@@ -315,7 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--archs-from", type=Path, default=None, help="reuse the architectures of a table this script wrote"
     )
+    parser.add_argument(
+        "--update", action="store_true", help="recheck --families only and replace their rows in the --out table"
+    )
     args = parser.parse_args(argv)
+    if args.update and not (args.families and args.out.is_file()):
+        parser.error("--update needs --families and an existing --out table")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     start = time.time()
@@ -341,7 +361,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         gc.collect()
     command = "python benchmarks/coverage.py" + (f" --families {' '.join(args.families)}" if args.families else "")
-    write_table(rows, args.out, time.time() - start, command)
+    if args.update:
+        header = args.out.read_text().splitlines()
+        old_command = next(line for line in header if line.startswith("Command: `")).split("`")[1]
+        old_minutes = float(re.search(r"CPU, ([0-9.]+) min", header[2]).group(1))
+        fresh = {r["family"]: r for r in rows}
+        old = read_rows(args.out)
+        rows = [fresh.pop(r["family"], r) for r in old] + list(fresh.values())
+        updated = f" Rows of {', '.join(args.families)} rechecked with `{command} --update`."
+        write_table(rows, args.out, old_minutes * 60, old_command, updated)
+    else:
+        write_table(rows, args.out, time.time() - start, command)
     print(f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} families pass; table: {args.out}")
     return 0
 

@@ -9,19 +9,25 @@ file is a study file (see `neat_vision.study`) whose grid is written per method:
       lp:   {method: linear, lr: [3.0e-3, 1.0e-2, 3.0e-2]}
       neat: {method: neat, neat_act: relu, lr: [1.0e-3, 3.0e-3, 1.0e-2]}
     seeds: [0, 1, 2]
+    selection_seeds: [0]          # optional: the lr grid runs on these seeds only
     output: runs/compare/digits
 
 Each (method, lr, seed) is a normal training run (the study runner: resumable, spread over GPUs). ``lr`` sets
 the method's learning rates: the head's and the update's (``lr_neat``), or for ``full`` the backbone's. For
-each method the learning rate with the best mean last-epoch validation top-1 over seeds is selected; the
+each method the learning rate with the best mean last-epoch validation top-1 over seeds is selected (ties, as on
+a small validation split that saturates, go to the lower mean validation loss); the
 report gives that method's test top-1 (last-epoch model) as mean ± std over the seeds at that rate, in
-``compare.md``, ``compare.csv`` and ``compare.png``.
+``compare.md``, ``compare.csv`` and ``compare.png``. With ``selection_seeds`` the grid runs on those seeds only
+(their per-lr results are kept in ``selection.csv``), the rate is chosen there on validation, and the other seeds
+run at the chosen rate only: fewer runs, the same rule. A chosen rate at either end of its grid is marked
+``(edge)`` in the report and warned about: widen that method's grid (finished runs are reused).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 import tempfile
@@ -32,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from neat_vision.study import StudyError, load_study, run_study
+from neat_vision.study import Study, StudyError, load_study, report, run_study
 
 LR_OPTIONS = {"full": ("lr_backbone", "lr_head"), "linear": ("lr_head",)}
 DEFAULT_LR_OPTIONS = ("lr_neat", "lr_head")
@@ -63,8 +69,33 @@ def study_file(compare: dict[str, Any], path: Path) -> dict[str, Any]:
     return data
 
 
+def _seed_list(value: Any, key: str, path: Path) -> list[int]:
+    seeds = [value] if isinstance(value, int) else value
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
+        raise StudyError(f"{path}: {key}={value!r} is not allowed: an integer or a non-empty list of integers")
+    return seeds
+
+
+def _grids(compare: dict[str, Any]) -> dict[str, list[float]]:
+    return {label: sorted(float(lr) for lr in spec.get("lr", [])) for label, spec in compare["methods"].items()}
+
+
+def _mark_edges(table: list[dict[str, Any]], grids: dict[str, list[float]]) -> None:
+    for row in table:
+        grid, lr = grids.get(row["method"], []), float(row["lr"])
+        row["at_edge"] = len(grid) > 1 and lr in (grid[0], grid[-1])
+
+
+def _mean_loss(rows: list[dict[str, Any]]) -> float:
+    losses = [r.get("val_loss") for r in rows]
+    if any(v in (None, "") for v in losses):  # runs from before final.json held the validation loss
+        return math.inf
+    return statistics.mean(float(v) for v in losses)
+
+
 def select(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method: the learning rate with the best mean validation top-1, and test mean/std there."""
+    """Per method: the learning rate with the best mean validation top-1 (ties: lower mean validation loss), and
+    test mean/std there."""
     runs: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if row.get("test_top1") in (None, ""):
@@ -74,7 +105,9 @@ def select(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for method, by_lr in runs.items():
         val_means = {lr: statistics.mean(float(r["val_top1"]) for r in rs) for lr, rs in by_lr.items()}
-        best_lr = max(val_means, key=val_means.get)
+        loss_means = {lr: _mean_loss(rs) for lr, rs in by_lr.items()}
+        # ties on top-1 (a small validation split saturates) go to the lower validation loss
+        best_lr = max(val_means, key=lambda lr: (val_means[lr], -loss_means[lr]))
         chosen = by_lr[best_lr]
         tests = [float(r["test_top1"]) for r in chosen]
         table.append(
@@ -102,8 +135,9 @@ def _markdown(title: str, table: list[dict[str, Any]]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
+        lr = f"{r['lr']} (edge)" if r.get("at_edge") else r["lr"]
         lines.append(
-            f"| {r['method']} | {r['update_params']:,} | {r['trainable_params']:,} | {r['lr']} | "
+            f"| {r['method']} | {r['update_params']:,} | {r['trainable_params']:,} | {lr} | "
             f"{r['val_top1_mean']:.2f} | {r['test_top1_mean']:.2f} ± {r['test_top1_std']:.2f} | {r['seeds']} |"
         )
     return "\n".join(lines) + "\n"
@@ -129,6 +163,88 @@ def _plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+def _study(
+    compare: dict[str, Any],
+    path: Path,
+    *,
+    gpus: Sequence[int] | None,
+    executor: str | None,
+    seeds: list[int] | None = None,
+    lrs: dict[str, str] | None = None,
+) -> Study:
+    """The study of ``compare``, optionally on other ``seeds`` and with each method's grid cut to one rate."""
+    data = dict(compare)
+    if seeds is not None:
+        data["seeds"] = seeds
+    if lrs is not None:
+        data["methods"] = {label: {**spec, "lr": [float(lrs[label])]} for label, spec in data["methods"].items()}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=path.parent, delete=False) as tmp:
+        yaml.safe_dump(study_file(data, path), tmp)
+    try:
+        return load_study(tmp.name, gpus=gpus, executor=executor)
+    finally:
+        Path(tmp.name).unlink()
+
+
+def _finished_rows(study: Study, run: bool) -> tuple[int, list[dict[str, Any]]]:
+    """Run the study (or only rebuild its report); its finished rows."""
+    code = 0
+    if run:
+        code = run_study(study)
+    else:
+        report(study)
+    results_csv = study.output / "results.csv"
+    return code, list(csv.DictReader(results_csv.open())) if results_csv.is_file() else []
+
+
+def compare_one(
+    path: Path, *, gpus: Sequence[int] | None, report_only: bool, executor: str | None
+) -> tuple[int, Study, str, list[dict[str, Any]]]:
+    """Run one compare file; its exit code, study, title and selected table (`select`)."""
+    compare = yaml.safe_load(path.read_text())
+    if not isinstance(compare, dict):
+        raise StudyError(f"{path}: a compare file must be a YAML mapping")
+    title = compare.pop("title", path.stem)
+    selection_seeds = compare.pop("selection_seeds", None)
+    study_file(compare, path)  # validates 'methods' before anything runs
+    grids = _grids(compare)
+    if selection_seeds is None:
+        study = _study(compare, path, gpus=gpus, executor=executor)
+        code, rows = _finished_rows(study, not report_only)
+        table = select(rows)
+    else:
+        seeds = _seed_list(compare.get("seeds", [0]), "seeds", path)
+        selection_seeds = _seed_list(selection_seeds, "selection_seeds", path)
+        if not set(selection_seeds) <= set(seeds):
+            raise StudyError(f"{path}: selection_seeds={selection_seeds} must be among seeds={seeds}")
+        grid_study = _study(compare, path, gpus=gpus, executor=executor, seeds=selection_seeds)
+        code, grid_rows = _finished_rows(grid_study, not report_only)
+        if (grid_study.output / "results.csv").is_file():
+            (grid_study.output / "results.csv").replace(grid_study.output / "selection.csv")
+        chosen = {row["method"]: row for row in select(grid_rows)}
+        table = []
+        if chosen:
+            compare["methods"] = {label: spec for label, spec in compare["methods"].items() if label in chosen}
+            lrs = {label: row["lr"] for label, row in chosen.items()}
+            study = _study(compare, path, gpus=gpus, executor=executor, lrs=lrs)
+            more, rows = _finished_rows(study, not report_only)
+            code |= more
+            for row in select(rows):  # one rate per method here; the grid's validation means come from stage 1
+                row["lr_val_means"] = chosen[row["method"]]["lr_val_means"]
+                table.append(row)
+        else:
+            study = grid_study
+    _mark_edges(table, grids)
+    for row in table:
+        if row["at_edge"]:
+            print(
+                f"[compare] warning: {title}: {row['method']} chose lr {row['lr']}, an end of its grid "
+                f"{grids[row['method']]}; widen the grid (finished runs are reused)",
+                flush=True,
+            )
+    return code, study, title, table
+
+
 def run_compare(
     configs: Sequence[str],
     *,
@@ -140,21 +256,12 @@ def run_compare(
     """Run (or only report) each compare file; write the combined report next to the first one's output."""
     results, code, out_dir = {}, 0, None
     for config in configs:
-        path = Path(config).resolve()
-        compare = yaml.safe_load(path.read_text())
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=path.parent, delete=False) as tmp:
-            yaml.safe_dump(study_file(compare, path), tmp)
-        try:
-            study = load_study(tmp.name, gpus=gpus, executor=executor)
-        finally:
-            Path(tmp.name).unlink()
-        if not report_only:
-            code |= run_study(study)
-        results_csv = study.output / "results.csv"
-        rows = list(csv.DictReader(results_csv.open())) if results_csv.is_file() else []
-        table = select(rows)
+        more, study, title, table = compare_one(
+            Path(config).resolve(), gpus=gpus, report_only=report_only, executor=executor
+        )
+        code |= more
         if table:
-            results[compare.get("title", path.stem)] = table
+            results[title] = table
         out_dir = out_dir or study.output.parent
     if not results:
         print("[compare] no finished runs")

@@ -52,7 +52,7 @@ EXECUTORS = {
 }
 RUNNER_OPTIONS = ("seed", "output", "experiment", "resume", "config", "base")  # the runner sets these
 METRICS = (("best_val_top1", "best val top-1"), ("test_top1", "test top-1"))
-RESULT_KEYS = ("trainable_params", "neat_params", "val_top1", "best_val_top1", "test_top1", "wall_time_s")
+RESULT_KEYS = ("trainable_params", "neat_params", "val_top1", "val_loss", "best_val_top1", "test_top1", "wall_time_s")
 
 
 def _whole(low: int) -> Callable[[Any], bool]:

@@ -21,7 +21,9 @@ output channels. A target is an alias or a regular expression:
 - ``default`` is a rule per family: where the model has attention projections, ``q`` + ``v`` + ``mlp``
   (attention and MLP of a transformer; ``qkv`` + ``mlp`` where q and v are not separable, as LeViT's
   per-head fused projection or SwiftFormer's query/key attention); otherwise ``mlp`` + ``pw`` (a CNN's MLPs
-  and pointwise convs, those that match); otherwise every linear layer and conv of the blocks.
+  and pointwise convs, those that match); otherwise every linear layer and conv of the blocks. The rule skips
+  layers with a single feature on either side (CSATv2's 1-channel spatial attention: a 1 -> 3 projection behind
+  a LayerNorm over one feature, which passes no gradient); name them to adapt them.
 - anything else is a regular expression matched in full against module names (``blocks\\.0\\.attn\\.qkv``),
   or a plain name matched as a suffix (``query`` matches ``encoder.layer.0.attention.self.query``).
 
@@ -79,6 +81,7 @@ KIND_ALIASES: dict[str, Callable[[nn.Conv2d], bool]] = {
     "dw": _is_depthwise,
 }
 DEFAULT = "default"
+DEFAULT_MIN_WIDTH = 2  # the default rule skips layers with one input or one output feature
 _STEM_OR_HEAD = re.compile(r"(?:^|\.)(?:stem|conv_stem|patch_embed|head)[^.]*(?:\.|$)")
 
 
@@ -162,7 +165,8 @@ def _in_head(name: str, heads: Sequence[str]) -> bool:
 def default_targets(model: nn.Module, aliases: AliasTable | None = None) -> list[str]:
     """What ``targets="default"`` stands for on ``model`` (the rule in the module docstring)."""
     table = {**DEFAULT_ALIASES, **(aliases or {})}
-    return _default_targets(model, table, adaptable_modules(model))
+    wide = {n: m for n, m in adaptable_modules(model).items() if min(matrix_shape(m)) >= DEFAULT_MIN_WIDTH}
+    return _default_targets(model, table, wide)
 
 
 def _default_targets(model: nn.Module, table: AliasTable, modules: Mapping[str, nn.Module]) -> list[str]:
@@ -239,17 +243,20 @@ def resolve_targets(
     modules = adaptable_modules(model)
     heads = head_names(model)
     rows: dict[str, list[tuple[int, int]]] = {}
+    pools = [(t, modules) for t in targets if t != DEFAULT]
     if DEFAULT in targets:
-        targets = [t for t in targets if t != DEFAULT] + _default_targets(model, table, modules)
+        wide = {n: m for n, m in modules.items() if min(matrix_shape(m)) >= DEFAULT_MIN_WIDTH}
+        pools += [(t, wide) for t in _default_targets(model, table, wide)]
+        targets = [t for t, _ in pools]
 
-    for target in targets:
+    for target, modules_of_target in pools:
         found = False
         if target in table:
-            for name, span in _alias_spans(target, table[target], modules, heads):
+            for name, span in _alias_spans(target, table[target], modules_of_target, heads):
                 rows.setdefault(name, []).append(span)
                 found = True
         elif target in KIND_ALIASES:
-            for name, module in _block_convs(modules, heads).items():
+            for name, module in _block_convs(modules_of_target, heads).items():
                 if KIND_ALIASES[target](module):
                     rows.setdefault(name, []).append((0, matrix_shape(module)[0]))
                     found = True
@@ -259,7 +266,7 @@ def resolve_targets(
             except re.error as err:
                 msg = f"target {target!r} is neither an alias nor a valid regular expression: {err}"
                 raise TargetError(msg) from None
-            for name, module in modules.items():
+            for name, module in modules_of_target.items():
                 if pattern.fullmatch(name) or name.endswith("." + target):
                     rows.setdefault(name, []).append((0, matrix_shape(module)[0]))
                     found = True

@@ -287,6 +287,23 @@ def test_default_falls_back_to_every_block_layer():
     assert [t.name for t in resolve_targets(Net(), ["default"])] == ["blocks.0", "blocks.1"]
 
 
+def test_default_skips_single_feature_layers_that_names_still_take():
+    class SpatialGate(nn.Module):  # CSATv2's shape: a 1-channel map, a 1 -> 3 projection
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(1, 3)
+            self.mlp = nn.Sequential(nn.Linear(1, 4), nn.Linear(4, 1))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.ModuleDict(dict(qkv=nn.Linear(16, 48), gate=SpatialGate()))])
+            self.head = nn.Linear(16, 2)
+
+    assert [t.name for t in resolve_targets(Net(), ["default"])] == ["blocks.0.qkv"]
+    assert [t.name for t in resolve_targets(Net(), ["qkv"])] == ["blocks.0.qkv", "blocks.0.gate.qkv"]
+
+
 def test_unknown_target_lists_aliases_and_conv_modules():
     with pytest.raises(TargetError, match=r"conv, pw, dw, default.*blocks\.\*\.\*\.conv_pw"):
         _effnet(neat=dict(targets="query"))

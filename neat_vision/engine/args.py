@@ -82,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained-file", default=None, help="local weights file (timm pretrained_cfg_overlay)")
     g.add_argument("--model-kwargs", type=_mapping, default={}, help="extra create_model kwargs, a YAML mapping")
     g.add_argument("--num-classes", type=int, default=None, help="classes of the head (None: the dataset's)")
-    g.add_argument(
-        "--head-init", default="timm", choices=["timm", "zero"], help="classifier init: timm's, or zeros"
-    )
+    g.add_argument("--head-init", default="timm", choices=["timm", "zero"], help="classifier init: timm's, or zeros")
     g.add_argument("--compile", action=bool_flag, default=False, help="torch.compile the model")
 
     g = p.add_argument_group("data")

@@ -523,6 +523,7 @@ class Trainer:
         final = {
             "val_top1": state.last_val["top1"],
             "val_top5": state.last_val["top5"],
+            "val_loss": state.last_val["loss"],
             "best_val_top1": state.best_val_top1,
             "best_epoch": state.best_epoch,
             "test_top1": test["top1"],
