@@ -56,19 +56,21 @@ def _bias_grad(g2: Tensor, bias: Tensor | None, needed: bool) -> Tensor | None:
     return g2.sum(0).to(bias.dtype) if needed and bias is not None else None
 
 
-def _linear_out(x2: Tensor, weight: Tensor, bias: Tensor | None, x_shape: torch.Size) -> Tensor:
-    """``F.linear(x2, weight, bias)`` written into a new ``(*x_shape[:-1], d_out)`` tensor.
+def _linear_out(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` bit for bit, as a contiguous tensor that is no view.
 
-    A custom Function's output must not be a view of a tensor made in its forward, or an in-place
-    addition by the caller fails (timm's ``qkv += qkv_bias``); reshaping the 2-D result would be one.
+    A custom Function's output must not be a view of a tensor made in its forward, or an in-place addition by
+    the caller fails (timm's ``qkv += qkv_bias``). For a contiguous input of 3 or more dims with a bias,
+    ``F.linear`` runs one ``addmm`` on the flattened input and returns a view of its result: here the same
+    ``addmm`` writes into a fresh tensor. Other inputs take ``F.linear`` itself (the same ops, so an adapted
+    layer at init computes exactly what the plain one does).
     """
-    y = x2.new_empty(*x_shape[:-1], weight.shape[0])
-    out = y.view(x2.shape[0], weight.shape[0])
-    if bias is None:
-        torch.mm(x2, weight.t(), out=out)
-    else:
-        torch.addmm(bias, x2, weight.t(), out=out)
-    return y
+    if bias is not None and x.dim() >= 3 and x.is_contiguous():
+        y = x.new_empty(*x.shape[:-1], weight.shape[0])
+        torch.addmm(bias, x.view(-1, x.shape[-1]), weight.t(), out=y.view(-1, weight.shape[0]))
+        return y
+    y = F.linear(x, weight, bias)
+    return y.clone() if y._is_view() or not y.is_contiguous() else y
 
 
 class _FactoredLinear(torch.autograd.Function):
@@ -82,8 +84,9 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, left, right, dtype):  # noqa: D102
-        x2 = _to(x, dtype).reshape(-1, x.shape[-1])
-        y = _linear_out(x2, _to(weight, dtype), None if bias is None else _to(bias, dtype), x.shape)
+        xd = _to(x, dtype)
+        x2 = xd.reshape(-1, x.shape[-1])
+        y = _linear_out(xd, _to(weight, dtype), None if bias is None else _to(bias, dtype))
         xr = x2 @ right.t()
         y.view(x2.shape[0], -1).addmm_(xr, left.t())
         ctx.dtype, ctx.x_dtype, ctx.x_shape, ctx.has_bias = dtype, x.dtype, x.shape, bias is not None
@@ -125,9 +128,10 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, left, right, dtype):  # noqa: D102
         with _no_autocast(x.device.type):
-            x2 = _to(x, dtype).reshape(-1, x.shape[-1])
+            xd = _to(x, dtype)
+            x2 = xd.reshape(-1, x.shape[-1])
             w = torch.addmm(_to(weight, left.dtype), left, right).to(dtype)
-            y = _linear_out(x2, w, None if bias is None else _to(bias, dtype), x.shape)
+            y = _linear_out(xd, w, None if bias is None else _to(bias, dtype))
         ctx.dtype, ctx.x_dtype, ctx.x_shape = dtype, x.dtype, x.shape
         ctx.save_for_backward(x2, weight, left, right, bias)
         return y
