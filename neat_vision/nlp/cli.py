@@ -19,8 +19,7 @@ import yaml
 
 from ..adapter import AdapterMismatchError
 from ..config import ConfigError, NeatConfig
-from ..errors import EXIT_DIVERGED, EXIT_USAGE, OneLineParser, device_problem_of, one_line
-from .loop import Diverged, ResumeError
+from ..errors import Diverged, OneLineParser, ResumeError, device_problem_of, exit_status, one_line
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -145,7 +144,7 @@ USER_ERRORS = (Diverged, ResumeError, AdapterMismatchError, ValueError, OSError)
 def exit_code(err: BaseException) -> int:
     """Report a runner's failure in one line on stderr; its exit status (`neat_vision.errors`)."""
     print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-    return EXIT_DIVERGED if isinstance(err, Diverged) else EXIT_USAGE
+    return exit_status(err)
 
 
 def load_pretrained(load: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:

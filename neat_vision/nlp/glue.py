@@ -43,7 +43,7 @@ from .cli import (
     run_config,
 )
 from .glue_data import TASKS, Example, get_task, load_glue
-from .loop import LoopSettings, TrainLoop, check_output, distribute, make_optimizer, prepare_model, seed_rank
+from .loop import TextSettings, TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
 from .metrics import TASK_METRICS, glue_metrics, primary_metric
 
 
@@ -134,7 +134,7 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
     optimizer = make_optimizer(model, args.lr, args.head_lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * steps), steps)
     metric = primary_metric(task.name)
-    settings = LoopSettings(
+    settings = TextSettings(
         epochs=args.epochs,
         batch_size=args.batch_size,
         micro_batch_size=args.batch_size,
@@ -144,20 +144,20 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
         autocast_dtype=dtype,
         select_metric=metric,
     )
-    loop = TrainLoop(
+    text_task = TextTask(
         model,
+        net,
         optimizer,
         scheduler,
         n_train=len(train),
         loss_fn=loss_fn,
         evaluate=evaluate,
         settings=settings,
-        out=args.output,
+        out=Path(args.output),
         run_config=run_config(args),
         env=env,
-        net=net,
     )
-    progress = loop.run(resume=args.resume)
+    progress = train_text(text_task, resume=args.resume)
     results = {
         "task": task.name,
         "metric": metric,

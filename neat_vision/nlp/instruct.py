@@ -52,7 +52,7 @@ from .cli import (
     run_config,
 )
 from .instruct_data import load_records, pad_batch, prompt, tokenize_record
-from .loop import LoopSettings, TrainLoop, check_output, distribute, make_optimizer, prepare_model, seed_rank
+from .loop import TextSettings, TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +242,7 @@ def _train(
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
     optimizer = make_optimizer(model, args.lr, None, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, steps)
-    settings = LoopSettings(
+    settings = TextSettings(
         epochs=args.epochs,
         batch_size=args.batch_size,
         micro_batch_size=micro,
@@ -253,20 +253,20 @@ def _train(
         select_metric="val_loss" if val else None,
         maximize=False,
     )
-    loop = TrainLoop(
+    text_task = TextTask(
         model,
+        net,
         optimizer,
         scheduler,
         n_train=len(train),
         loss_fn=lambda indices: loss_sum([train[i] for i in indices]),
         evaluate=evaluate if val else None,
         settings=settings,
-        out=args.output,
+        out=Path(args.output),
         run_config=run_config(args),
         env=env,
-        net=net,
     )
-    progress = loop.run(resume=args.resume)
+    progress = train_text(text_task, resume=args.resume)
     model.config.use_cache = True
     return {"history": progress.history, "best": progress.best, "train_examples": len(train), "val_examples": len(val)}
 
