@@ -5,15 +5,13 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 from collections.abc import Sequence
 
 from neat_vision.config import ConfigError
 from neat_vision.engine.args import build_parser, load_config, parse_args
 from neat_vision.engine.model import UnreachedLayerError
 from neat_vision.engine.plan import dry_run
+from neat_vision.engine.progress import log_to_stdout
 from neat_vision.engine.vision import NonFiniteLossError, run
 from neat_vision.errors import Diverged, ResumeError, exit_status, report
 
@@ -32,8 +30,7 @@ __all__ = ["NonFiniteLossError", "build_parser", "dry_run", "load_config", "main
 def main(argv: Sequence[str] | None = None) -> None:
     """The training script: parse, run, report; a bad option or file exits 2, a diverged run 3 (one line each)."""
     args = parse_args(argv)
-    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    log_to_stdout()
     try:
         run(args)
     except (Diverged, *_USER_ERRORS) as err:

@@ -1,25 +1,14 @@
-"""The one training loop of ``train.py``, the GLUE runner and the instruction runner: `TrainLoop` over a `Task`.
+"""The one training loop of ``train.py`` and the NLP runners: `TrainLoop` over a `Task`, written out, no callbacks.
 
-The loop is written out rather than hidden behind callbacks; a task (`neat_vision.engine.vision.VisionTask`,
-`neat_vision.nlp.loop.TextTask`) supplies the model, the batches, the loss, the evaluation and the checkpoint
-contents, and the loop owns the rest:
-
-- Epochs of optimizer steps, each one or more micro-batches; the task yields the steps of an epoch from any
-  position, so a run resumed mid-epoch skips the done batches without loading them.
-- Gradient sync: with ``sum_gradients`` every micro-batch runs under DDP's ``no_sync`` and one all-reduce *sums*
-  the gradients (FSDP2 reduce-scatters sums itself), which are then divided by the number of loss terms of the
-  whole step; without it DDP averages on the last micro-batch (the task scales each micro-batch's loss).
-- One host sync per step: the loss sum, the loss-term count and the non-finite flags of the gradients (before
-  the step) and of the trainable weights (after the previous one) are summed over ranks in one all-reduce, so
-  every rank takes the same decision. A non-finite loss or gradient raises `Diverged` before the step is
-  applied, a non-finite weight before it is evaluated or saved; the message says whether the last checkpoint
-  was read back and verified finite. Under a GradScaler inf gradients are its business (it skips the step).
-- Checkpoints (every ``checkpoint_steps`` inside an epoch, at every epoch end, at ``stop_after_steps``) are
-  written atomically by rank 0 and hold every rank's RNG state and the `Progress`; `TrainLoop.resume` checks
-  the number of processes and restores this rank's state, so a resumed run continues step for step.
-- ``summary.csv`` (one row per epoch, rewritten from the checkpointed history), TensorBoard scalars
-  (``train/loss`` and ``lr/<group>`` every ``log_interval`` steps, the task's epoch scalars) and progress lines
-  with an ETA (a tqdm bar on a terminal), all on rank 0.
+A task (`engine.vision.VisionTask`, `nlp.loop.TextTask`) gives the model, the batches, the loss, the evaluation
+and the checkpoint contents; the loop owns the rest. A task yields an epoch's steps from any position, so a run
+resumed mid-epoch skips the done batches unloaded. With ``sum_gradients`` every micro-batch runs under DDP's
+``no_sync``, one all-reduce sums the gradients (FSDP2 reduce-scatters sums itself) and they are divided by the
+step's loss terms; without it DDP averages on the last micro-batch. One host sync per step sums the loss, its
+term count and the non-finite flags of the gradients (before the step) and weights (after the previous one)
+over ranks, so every rank stops alike: `Diverged` before a bad step is applied or bad weights are used, naming
+the last checkpoint after reading it back. Rank 0 writes the checkpoints atomically (with every rank's RNG state
+and the `Progress`), ``summary.csv``, TensorBoard and progress lines with an ETA.
 """
 
 from __future__ import annotations
@@ -42,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from neat_vision.adapter import atomic_write
-from neat_vision.engine.checkpoint import rng_state, save_checkpoint, set_rng_state
+from neat_vision.engine.checkpoint import CHECKPOINT_TENSORS, rng_state, save_checkpoint, set_rng_state
 from neat_vision.engine.distributed import DistEnv, all_gather_object, all_reduce_sum
 from neat_vision.engine.progress import Progress as ProgressBar
 from neat_vision.errors import Diverged, ResumeError
@@ -79,11 +68,12 @@ class LoopSettings:
     summary: Path  # summary.csv
     tensorboard: Path | None = None  # event folder (None: no TensorBoard)
     best_checkpoint: Path | None = None  # a copy of the checkpoint of the best epoch
-    checkpoint_tensors: tuple[str, ...] = ("model", "optimizer")  # the checkpoint parts that must be finite
+    checkpoint_tensors: tuple[str, ...] = CHECKPOINT_TENSORS  # the checkpoint parts that must be finite
     max_grad_norm: float = 0.0
     checkpoint_steps: int = 0
     stop_after_steps: int | None = None
-    log_interval: int = 1
+    log_interval: int = 1  # steps between TensorBoard points
+    progress_interval: int | None = None  # steps between progress lines (default: log_interval)
     select_metric: str | None = None  # the history column that picks the best epoch (rows without it never do)
     maximize: bool = True
     sum_gradients: bool = False
@@ -140,9 +130,7 @@ def _local(t: Tensor) -> Tensor:
 
 def _is_ddp(net: nn.Module) -> bool:
     """``net`` is DDP (possibly under ``torch.compile``): its gradient sync can be deferred with ``no_sync``."""
-    return isinstance(net, DistributedDataParallel) or isinstance(
-        getattr(net, "_orig_mod", None), DistributedDataParallel
-    )
+    return isinstance(getattr(net, "_orig_mod", net), DistributedDataParallel)
 
 
 def write_summary(path: Path, history: list[dict[str, Any]]) -> None:
@@ -194,12 +182,9 @@ class TrainLoop:
         self.progress = progress
         self.saved_step = progress.global_step
         self.resumed = True
+        p = progress
         logger.info(
-            "resumed from %s: epoch %d, step %d of it, step %d",
-            path,
-            progress.epoch + 1,
-            progress.step_in_epoch,
-            progress.global_step,
+            "resumed from %s: epoch %d, step %d (%d of the epoch)", path, p.epoch + 1, p.global_step, p.step_in_epoch
         )
 
     def save(self, best: bool = False) -> None:
@@ -304,16 +289,14 @@ class TrainLoop:
         stats = torch.cat([sums, pending.double().view(1)])
         if task.scaler is not None:
             task.scaler.unscale_(task.optimizer)  # inf gradients are the scaler's business: it skips that step
-
-        def grad_flag() -> Tensor:
-            if task.scaler is not None:
-                return torch.zeros((), dtype=torch.float64, device=env.device)
-            return nonfinite_flag((None if q.grad is None else _local(q.grad) for q in self.trainable), env.device)
-
-        if self.settings.sum_gradients and env.distributed and not self.fsdp:
-            stats = self._sum_gradients(stats)
-            return torch.cat([stats, grad_flag().view(1)]).tolist()  # the summed gradients: the same on every rank
-        return all_reduce_sum(torch.cat([stats, grad_flag().view(1)]), env).tolist()
+        summed = self.settings.sum_gradients and env.distributed and not self.fsdp
+        if summed:
+            stats = self._sum_gradients(stats)  # the gradients are then the same on every rank, and so is their flag
+        flag = torch.zeros((), dtype=torch.float64, device=env.device)
+        if task.scaler is None:
+            flag = nonfinite_flag((None if q.grad is None else _local(q.grad) for q in self.trainable), env.device)
+        stats = torch.cat([stats, flag.view(1)])
+        return (stats if summed else all_reduce_sum(stats, env)).tolist()
 
     def _optimizer_step(self, terms: int) -> None:
         """(Divide summed gradients by the loss terms,) clip, step, zero the gradients, advance the schedule."""
@@ -336,7 +319,8 @@ class TrainLoop:
         """Train from ``progress`` to the end of its epoch; ``True`` when stopped by ``stop_after_steps``."""
         task, s, env, p = self.task, self.settings, self.env, self.progress
         total = task.steps_per_epoch()
-        bar = ProgressBar(f"epoch {p.epoch + 1}/{s.epochs}", total, p.step_in_epoch, s.log_interval, env.is_main)
+        interval = s.progress_interval or s.log_interval
+        bar = ProgressBar(f"epoch {p.epoch + 1}/{s.epochs}", total, p.step_in_epoch, interval, env.is_main)
         task.net.train()
         logged = [0.0, 0]  # loss sum, terms since the last TensorBoard point
         start, seen = time.perf_counter(), 0

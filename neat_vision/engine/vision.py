@@ -15,12 +15,11 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import os
 import pickle
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from torch.utils.data import DataLoader
 from neat_vision.adapter import delta_norms, remove_stale_temporaries, trainable_summary
 from neat_vision.engine.args import resolved_config
 from neat_vision.engine.checkpoint import (
-    CHECKPOINT_TENSORS,
     atomic_write,
     check_resumable,
     load_checkpoint,
@@ -59,7 +57,7 @@ from neat_vision.engine.model import (
 from neat_vision.engine.optim import build_optimizer, build_scheduler
 from neat_vision.engine.plan import Plan, dry_run, log_plan, make_plan
 from neat_vision.engine.progress import format_seconds
-from neat_vision.errors import Diverged, one_line
+from neat_vision.errors import Diverged, ResumeError, one_line
 
 __all__ = ["NonFiniteLossError", "VisionTask", "run"]
 
@@ -219,7 +217,6 @@ class VisionTask:
             best_checkpoint=checkpoints / "best.pth",
             summary=run_dir / "summary.csv",
             tensorboard=run_dir / "tb" if args.tb else None,
-            checkpoint_tensors=CHECKPOINT_TENSORS,
             max_grad_norm=args.clip_grad or 0.0,
             checkpoint_steps=args.checkpoint_interval or 0,
             stop_after_steps=args.stop_after_steps,
@@ -272,27 +269,17 @@ class VisionTask:
         return loss.detach().double() * len(targets), len(targets)
 
     def checkpoint(self, progress: Progress) -> dict[str, Any]:
-        """The checkpoint (`neat_vision.engine.checkpoint`), on rank 0; ``progress`` in train.py's names."""
+        """The checkpoint (`neat_vision.engine.checkpoint`), on rank 0."""
         if not self.env.is_main:
             return {}
-        best = progress.best
+        batch = min(progress.step_in_epoch * self.args.grad_accum, self.plan.batches_per_epoch)
         return {
             "model": model_state(self.model, full=self.args.save_full),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "progress": {
-                "epoch": progress.epoch,
-                "batch": min(progress.step_in_epoch * self.args.grad_accum, self.plan.batches_per_epoch),
-                "step": progress.global_step,
-                "loss_sum": progress.epoch_loss,
-                "loss_count": progress.epoch_terms,
-                "best_val_top1": -1.0 if best is None else best["val_top1"],
-                "best_epoch": 0 if best is None else best["epoch"],
-                "last_val": self.last_val,
-                "elapsed_s": progress.elapsed_s,
-                "history": progress.history,
-            },
+            # the loop's Progress, with train.py's names of the position (``batch``: the next batch of the epoch)
+            "progress": asdict(progress) | {"step": progress.global_step, "batch": batch, "last_val": self.last_val},
             "args": resolved_config(self.args),
         }
 
@@ -300,25 +287,15 @@ class VisionTask:
         path = self.resume_from
         ckpt = load_checkpoint(path)
         check_resumable(ckpt["args"], self.args)
+        if "global_step" not in ckpt["progress"]:
+            raise ResumeError(f"resume={str(path)!r} was written by an older train.py: start a new run")
         load_model_state(self.model, ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
-        saved = ckpt["progress"]
-        self.last_val = dict(saved["last_val"])
-        history = list(saved.get("history", []))
-        progress = Progress(
-            epoch=saved["epoch"],
-            step_in_epoch=math.ceil(saved["batch"] / self.args.grad_accum),
-            global_step=saved["step"],
-            epoch_loss=saved["loss_sum"],
-            epoch_terms=saved["loss_count"],
-            history=history,
-            best=next((row for row in history if row["epoch"] == saved["best_epoch"]), None),
-            elapsed_s=saved["elapsed_s"],
-        )
-        return path, ckpt, progress
+        self.last_val = dict(ckpt["progress"]["last_val"])
+        return path, ckpt, Progress(**{k: ckpt["progress"][k] for k in Progress.__dataclass_fields__})
 
     def end_epoch(self, end: EpochEnd) -> tuple[dict[str, Any], dict[str, float]]:
         """Validate (every ``eval_every`` epochs and at the last); the summary row, TensorBoard scalars, a log line."""
@@ -330,9 +307,7 @@ class VisionTask:
         }
         val: dict[str, float] = {}
         if end.epoch % args.eval_every == 0 or end.epoch == args.epochs:
-            val = self.last_val = evaluate(
-                self.model, self.loaders["val"], env, self.autocast, args.limit_eval_batches
-            )
+            val = self.last_val = evaluate(self.model, self.loaders["val"], env, self.autocast, args.limit_eval_batches)
         row = {
             "epoch": end.epoch,
             "train_loss": end.train_loss,

@@ -31,6 +31,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 from ..adapter import trainable_summary
 from ..config import NeatConfig
 from ..engine.distributed import DistEnv, all_gather_object, setup_distributed
+from ..engine.progress import log_to_stdout
 from ..errors import OneLineParser
 from .apply import apply_neat, load_tokenizer
 from .cli import (
@@ -40,10 +41,9 @@ from .cli import (
     exit_code,
     load_pretrained,
     parse_args,
-    run_config,
 )
 from .glue_data import TASKS, Example, get_task, load_glue
-from .loop import TextSettings, TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
+from .loop import TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
 from .metrics import TASK_METRICS, glue_metrics, primary_metric
 
 
@@ -134,30 +134,8 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
     optimizer = make_optimizer(model, args.lr, args.head_lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * steps), steps)
     metric = primary_metric(task.name)
-    settings = TextSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        micro_batch_size=args.batch_size,
-        seed=args.seed,
-        max_grad_norm=args.max_grad_norm,
-        checkpoint_steps=args.checkpoint_steps,
-        autocast_dtype=dtype,
-        select_metric=metric,
-    )
-    text_task = TextTask(
-        model,
-        net,
-        optimizer,
-        scheduler,
-        n_train=len(train),
-        loss_fn=loss_fn,
-        evaluate=evaluate,
-        settings=settings,
-        out=Path(args.output),
-        run_config=run_config(args),
-        env=env,
-    )
-    progress = train_text(text_task, resume=args.resume)
+    text_task = TextTask(args, env, model, net, optimizer, scheduler, n_train=len(train), loss_fn=loss_fn)
+    progress = train_text(text_task, evaluate, select_metric=metric)
     results = {
         "task": task.name,
         "metric": metric,
@@ -175,6 +153,7 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = parse_args(build_parser(), argv, required=("task", "lr", "batch_size", "epochs", "output"))
+    log_to_stdout()
     env = None
     try:
         env = setup_distributed(args.device)

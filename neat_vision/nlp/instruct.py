@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 from ..adapter import merge_and_unload, trainable_summary
 from ..config import NeatConfig
 from ..engine.distributed import DistEnv, all_gather_object, all_reduce_sum, setup_distributed
+from ..engine.progress import log_to_stdout
 from ..errors import OneLineParser
 from .answers import get_evaluator, reference_answer
 from .apply import apply_neat, load_adapter, load_tokenizer
@@ -49,10 +50,9 @@ from .cli import (
     exit_code,
     load_pretrained,
     parse_args,
-    run_config,
 )
 from .instruct_data import load_records, pad_batch, prompt, tokenize_record
-from .loop import TextSettings, TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
+from .loop import TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,31 +242,16 @@ def _train(
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
     optimizer = make_optimizer(model, args.lr, None, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, steps)
-    settings = TextSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        micro_batch_size=micro,
-        seed=args.seed,
-        max_grad_norm=args.max_grad_norm,
-        checkpoint_steps=args.checkpoint_steps,
-        autocast_dtype=dtype,
-        select_metric="val_loss" if val else None,
-        maximize=False,
-    )
+
+    def train_loss(indices: list[int]) -> tuple[torch.Tensor, int]:
+        return loss_sum([train[i] for i in indices])
+
     text_task = TextTask(
-        model,
-        net,
-        optimizer,
-        scheduler,
-        n_train=len(train),
-        loss_fn=lambda indices: loss_sum([train[i] for i in indices]),
-        evaluate=evaluate if val else None,
-        settings=settings,
-        out=Path(args.output),
-        run_config=run_config(args),
-        env=env,
+        args, env, model, net, optimizer, scheduler, n_train=len(train), loss_fn=train_loss, micro=micro
     )
-    progress = train_text(text_task, resume=args.resume)
+    progress = train_text(
+        text_task, evaluate if val else None, select_metric="val_loss" if val else None, maximize=False
+    )
     model.config.use_cache = True
     return {"history": progress.history, "best": progress.best, "train_examples": len(train), "val_examples": len(val)}
 
@@ -274,6 +259,7 @@ def _train(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = parse_args(build_parser(), argv, required=("model", "output"))
+    log_to_stdout()
     env = None
     try:
         env = setup_distributed(args.device)

@@ -1,25 +1,19 @@
-"""What the NLP runners add to the one training loop (`neat_vision.engine.loop`): `TextTask` and `train`.
+"""What the NLP runners add to the one training loop (`neat_vision.engine.loop`): `TextTask` and `train_text`.
 
-- Batches are a function of ``(seed, epoch)`` (`epoch_batches`) and ``checkpoint.pt`` holds the trainable
-  tensors, optimizer, scheduler and RNG states and the `Progress`, so a run resumed after a kill continues
-  step for step as the uninterrupted run and ends with the same metrics.
-- Accumulation is exact: micro-batch losses are summed, and the gradient is divided by the number of loss
-  terms (examples or answer tokens) of the whole batch, as if it were one forward pass.
-- Under torchrun (DDP) every rank takes a contiguous shard of each global batch (``batch_size`` is the global
-  batch whatever the number of processes); the loop sums the gradients over ranks (no division by the world
-  size to undo). Rank 0 writes the checkpoint, TensorBoard, the summary and the adapters.
-- With FSDP2 (`distribute(..., fsdp=True)`) the gradients are reduce-scattered as sums by FSDP itself, every
-  rank runs the same number of micro-batches (an empty one forwards a real example with weight 0), and the
-  checkpoint and adapters hold the gathered full tensors, so their format is that of a DDP or 1-process run.
-- The stops (`neat_vision.errors.Diverged`, exit status 3; `ResumeError`, exit status 2) are the loop's.
+Batches are a function of ``(seed, epoch)``; accumulation is exact (micro-batch losses summed, the gradient
+divided by the loss terms of the whole batch). Under torchrun every rank takes a contiguous shard of each global
+batch (``--batch-size`` is global). With FSDP2 (`distribute(..., fsdp=True)`) every rank runs as many micro-batches
+(an empty one forwards a real example with weight 0), and the checkpoint and adapters hold the gathered full
+tensors, the format of a DDP or 1-process run.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +26,12 @@ from ..adapter import describe_base, fingerprint, neat_parameters, remove_stale_
 from ..engine.distributed import DistEnv
 from ..engine.loop import Diverged, EpochEnd, LoopSettings, Progress, ResumeError, TrainLoop
 from ..errors import one_line
+from .cli import DTYPES, run_config
 
-__all__ = ["CHECKPOINT", "Diverged", "Progress", "ResumeError", "TextSettings", "TextTask", "train_text"]
+__all__ = ["CHECKPOINT", "Diverged", "Progress", "ResumeError", "TextTask", "train_text"]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "neat-vision-nlp-checkpoint"
-
-
-@dataclass
-class TextSettings:
-    """How to step through the data. ``max_grad_norm=0`` and ``checkpoint_steps=0`` turn those off."""
-
-    epochs: int
-    batch_size: int
-    micro_batch_size: int
-    seed: int
-    max_grad_norm: float = 0.0
-    checkpoint_steps: int = 0
-    autocast_dtype: torch.dtype | None = None
-    select_metric: str | None = None
-    maximize: bool = True
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -146,17 +126,19 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class TextTask:
-    """A transformers model on ``n_train`` examples, as the loop's `Task`.
+    """A transformers model on ``n_train`` examples, trained as the runners' ``args`` say: the loop's `Task`.
 
-    ``loss_fn(indices) -> (summed loss, number of loss terms)`` runs the forward pass of one micro-batch of this
-    rank's shard through ``net`` (`distribute`'s wrapper); ``evaluate() -> metrics`` runs after each epoch (the
-    same metrics on every rank). ``run_config`` is stored in the checkpoint; resuming with another fails.
+    ``loss_fn(indices) -> (summed loss, number of loss terms)`` runs the forward pass of one micro-batch (of
+    ``micro`` examples at most, default ``args.batch_size``) of this rank's shard through ``net`` (`distribute`'s
+    wrapper). ``run_config(args)`` is stored in the checkpoint; resuming with another fails.
     """
 
     scaler = None
 
     def __init__(
         self,
+        args: argparse.Namespace,
+        env: DistEnv,
         model: nn.Module,
         net: nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -164,42 +146,34 @@ class TextTask:
         *,
         n_train: int,
         loss_fn: Callable[[list[int]], tuple[Tensor, int]],
-        evaluate: Callable[[], dict[str, float]] | None,
-        settings: TextSettings,
-        out: Path,
-        run_config: dict[str, Any],
-        env: DistEnv,
+        micro: int | None = None,
     ) -> None:
-        self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
-        self.n_train, self.loss_fn, self.evaluate = n_train, loss_fn, evaluate
-        self.settings, self.out, self.run_config, self.env = settings, out, run_config, env
+        self.args, self.env, self.model, self.net = args, env, model, net
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.n_train, self.loss_fn, self.micro = n_train, loss_fn, micro or args.batch_size
+        self.out, self.run_config, self.dtype = Path(args.output), run_config(args), DTYPES[args.dtype]
+        self.checkpoint_path = self.out / CHECKPOINT
+        self.evaluate: Callable[[], dict[str, float]] | None = None
         self.fsdp = any(isinstance(q, DTensor) for q in _trainable(model).values())
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / CHECKPOINT
-
     def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = self.settings.autocast_dtype
-        return torch.autocast(self.env.device.type, dtype=dtype, enabled=dtype is not None)
+        return torch.autocast(self.env.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.n_train / self.settings.batch_size)
+        return math.ceil(self.n_train / self.args.batch_size)
 
     def epoch_steps(self, epoch: int, start: int) -> Iterator[tuple[int, list[tuple[list[int], list[int]]]]]:
         """Per step: this rank's micro-batches, each with the example a filler (an empty one) forwards."""
-        s = self.settings
-        for batch in epoch_batches(self.n_train, s.batch_size, s.seed, epoch)[start:]:
+        for batch in epoch_batches(self.n_train, self.args.batch_size, self.args.seed, epoch)[start:]:
             micro = self._micro_batches(batch, rank_shard(batch, self.env))
             yield len(micro), [(indices, batch[:1]) for indices in micro]
 
     def _micro_batches(self, batch: list[int], shard: list[int]) -> list[list[int]]:
         """This rank's micro-batches; under FSDP as many on every rank as on the largest shard (``[]``: filler)."""
-        size = self.settings.micro_batch_size
-        micro = [shard[i : i + size] for i in range(0, len(shard), size)]
+        micro = [shard[i : i + self.micro] for i in range(0, len(shard), self.micro)]
         if self.fsdp:  # FSDP's forward and backward are collectives: every rank runs as many
             largest = math.ceil(len(batch) / self.env.world_size)
-            micro += [[]] * (math.ceil(largest / size) - len(micro))
+            micro += [[]] * (math.ceil(largest / self.micro) - len(micro))
         return micro
 
     def backward(self, micro: tuple[list[int], list[int]], n_micro: int) -> tuple[Tensor, int]:
@@ -217,12 +191,8 @@ class TextTask:
         if self.evaluate is not None:
             with self._autocast():
                 row.update(self.evaluate())
-        scalars = {
-            ("train/" if key == "train_loss" else "dev/") + key: value
-            for key, value in row.items()
-            if key not in ("epoch", "step")
-        }
-        return row, scalars
+        metrics = {key: value for key, value in row.items() if key not in ("epoch", "step")}
+        return row, {("train/" if key == "train_loss" else "dev/") + key: value for key, value in metrics.items()}
 
     def on_best(self, row: dict[str, Any]) -> None:
         self.save_adapter("best")
@@ -284,27 +254,35 @@ class TextTask:
         return path, state, Progress(**state["progress"])
 
 
-def train_text(task: TextTask, resume: bool = False) -> Progress:
-    """Train ``task`` from the start (its output must hold no checkpoint) or from ``out/checkpoint.pt``.
+def train_text(
+    task: TextTask,
+    evaluate: Callable[[], dict[str, float]] | None,
+    select_metric: str | None,
+    maximize: bool = True,
+) -> Progress:
+    """Train ``task`` from the start (``--output`` must hold no checkpoint) or, with ``--resume``, from its checkpoint.
 
-    Writes ``checkpoint.pt``, ``summary.csv``, ``tb/`` and the ``best/`` (``select_metric``) and ``last/`` adapters.
+    ``evaluate() -> metrics`` runs after each epoch (the same metrics on every rank); ``select_metric`` picks the
+    best epoch, whose adapter goes to ``best/``. Writes ``checkpoint.pt``, ``summary.csv``, ``tb/`` and ``last/``.
     """
-    s, env, out = task.settings, task.env, task.out
-    check_output(out, resume)
+    args, env, out = task.args, task.env, task.out
+    task.evaluate = evaluate
+    check_output(out, args.resume)
     env.barrier()  # no rank sees rank 0's first checkpoint as one in the way
     if env.is_main:
         for folder in (out, out / "best", out / "last"):
             remove_stale_temporaries(folder)
     settings = LoopSettings(
-        epochs=s.epochs,
+        epochs=args.epochs,
         checkpoint=task.checkpoint_path,
         summary=out / "summary.csv",
         tensorboard=out / "tb",
         checkpoint_tensors=("trainable", "optimizer"),
-        max_grad_norm=s.max_grad_norm,
-        checkpoint_steps=s.checkpoint_steps,
-        select_metric=s.select_metric,
-        maximize=s.maximize,
+        max_grad_norm=args.max_grad_norm,
+        checkpoint_steps=args.checkpoint_steps,
+        progress_interval=max(task.steps_per_epoch() // 10, 1),
+        select_metric=select_metric,
+        maximize=maximize,
         sum_gradients=True,
         unit="terms",
         checkpoint_option="--checkpoint-steps",
@@ -312,7 +290,7 @@ def train_text(task: TextTask, resume: bool = False) -> Progress:
     )
     loop = TrainLoop(task, settings, env)
     try:
-        if resume:
+        if args.resume:
             loop.resume()
         loop.run()
     finally:
