@@ -31,16 +31,14 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 from ..adapter import trainable_summary
 from ..config import NeatConfig
 from ..engine.distributed import DistEnv, all_gather_object, setup_distributed
-from ..engine.progress import log_to_stdout
 from ..errors import OneLineParser
 from .apply import apply_neat, load_tokenizer
 from .cli import (
     DTYPES,
-    USER_ERRORS,
     add_common_arguments,
-    exit_code,
     load_pretrained,
     parse_args,
+    run_main,
 )
 from .glue_data import TASKS, Example, get_task, load_glue
 from .loop import TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
@@ -153,18 +151,9 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = parse_args(build_parser(), argv, required=("task", "lr", "batch_size", "epochs", "output"))
-    log_to_stdout()
-    env = None
-    try:
-        env = setup_distributed(args.device)
-        results = train_glue(args, env)
-    except USER_ERRORS as err:
-        return exit_code(err)
-    finally:
-        if env is not None:
-            env.close()
-    if not env.is_main:
-        return 0
+    code, results = run_main(train_glue, args)
+    if results is None:
+        return code
     best = results["best"]
     scores = ", ".join(f"{k} {best[k]:.4f}" for k in TASK_METRICS[args.task])
     print(f"{args.task}: best epoch {best['epoch']}: {scores} -> {args.output}")

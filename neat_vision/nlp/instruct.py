@@ -39,17 +39,15 @@ from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 from ..adapter import merge_and_unload, trainable_summary
 from ..config import NeatConfig
 from ..engine.distributed import DistEnv, all_gather_object, all_reduce_sum, setup_distributed
-from ..engine.progress import log_to_stdout
 from ..errors import OneLineParser
 from .answers import get_evaluator, reference_answer
 from .apply import apply_neat, load_adapter, load_tokenizer
 from .cli import (
     DTYPES,
-    USER_ERRORS,
     add_common_arguments,
-    exit_code,
     load_pretrained,
     parse_args,
+    run_main,
 )
 from .instruct_data import load_records, pad_batch, prompt, tokenize_record
 from .loop import TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
@@ -174,7 +172,7 @@ def run_instruct(args: argparse.Namespace, env: DistEnv | None = None) -> dict[s
         apply_neat(model, NeatConfig.coerce(args.neat))
         place = torch.device("cpu") if args.fsdp else device  # FSDP moves each rank's shard to its device
         model = prepare_model(model, device=place, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
-        results = _train(model, tokenizer, args, dtype, env)
+        results = _train(model, tokenizer, args, env)
     results["params"] = trainable_summary(model)
     if eval_files:
         merge_and_unload(model)  # generation then costs what the base model costs
@@ -202,9 +200,7 @@ def run_instruct(args: argparse.Namespace, env: DistEnv | None = None) -> dict[s
     return results
 
 
-def _train(
-    model: Any, tokenizer: Any, args: argparse.Namespace, dtype: torch.dtype | None, env: DistEnv
-) -> dict[str, Any]:
+def _train(model: Any, tokenizer: Any, args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
     records = load_records(args.data)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed)).tolist()
     features = []  # int32 tensors: a tenth of the memory of lists for MetaMathQA's 395K records
@@ -259,18 +255,9 @@ def _train(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = parse_args(build_parser(), argv, required=("model", "output"))
-    log_to_stdout()
-    env = None
-    try:
-        env = setup_distributed(args.device)
-        results = run_instruct(args, env)
-    except USER_ERRORS as err:
-        return exit_code(err)
-    finally:
-        if env is not None:
-            env.close()
-    if not env.is_main:
-        return 0
+    code, results = run_main(run_instruct, args)
+    if results is None:
+        return code
     for name, scored in results["eval"].items():
         print(f"{name}: accuracy {scored['accuracy']:.4f} ({scored['correct']}/{scored['total']})")
     print(f"-> {args.output}")
