@@ -23,7 +23,7 @@ from neat_vision.engine.optim import LinearWarmupDecay, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs of other tools (study runner, GLUE and instruction-tuning scripts) live in these folders
-OTHER_TOOLS = {"studies", "glue", "instruct", "offline_compare"}
+OTHER_TOOLS = {"studies", "glue", "instruct", "offline_compare", "offline_compare_mobilenet"}
 CONFIGS = sorted(
     p for p in (ROOT / "configs").rglob("*.yaml") if not OTHER_TOOLS & set(p.relative_to(ROOT / "configs").parts)
 )
@@ -160,6 +160,17 @@ def test_model_that_bypasses_adapted_layers_fails_by_name(monkeypatch) -> None:
 def _tiny_args(*extra: str) -> argparse.Namespace:
     kwargs = "{img_size: 16, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2}"
     return parse_args(["--model", "vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs", kwargs, *extra])
+
+
+def test_head_init_zero_starts_the_new_classifier_at_zero() -> None:
+    args = parse_args(["--model", "test_efficientnet", "--no-pretrained", "--dataset", "digits"])
+    assert args.head_init == "timm" and build_model(args, 10).get_classifier().weight.abs().sum() > 0
+    args = parse_args(["--model", "test_efficientnet", "--no-pretrained", "--dataset", "digits", "--head-init", "zero"])
+    model = build_model(args, 10)
+    head = model.get_classifier()
+    assert not head.weight.any() and not head.bias.any()
+    assert model.conv_stem.weight.any()  # only the head
+    assert not model(torch.randn(2, 3, 32, 32)).any()
 
 
 def test_pretrained_file_loads_local_weights(tmp_path: Path) -> None:
