@@ -1,9 +1,10 @@
-"""How the command-line tools report a user's mistake: one line on stderr and a documented exit status.
+"""The error types of the training runners and how the command-line tools report them.
 
 Exit status of ``train.py``, ``python -m neat_vision.nlp.glue`` and ``python -m neat_vision.nlp.instruct``:
-``0`` done; ``2`` a mistake in an option, a config or a file (one ``error: ...`` line naming it);
-``3`` the run diverged (non-finite loss, gradients or weights; the last good checkpoint is kept);
-``1`` anything else (a traceback: a bug to report).
+``0`` done; ``2`` (`EXIT_USAGE`) a mistake in an option, a config or a file, or a checkpoint that cannot be
+resumed (`ResumeError`; one ``error: ...`` line naming it); ``3`` (`EXIT_DIVERGED`) the run diverged
+(`Diverged`: non-finite loss, gradients or weights; the last good checkpoint is kept); ``1`` anything else
+(a traceback: a bug to report).
 """
 
 from __future__ import annotations
@@ -15,10 +16,36 @@ from typing import NoReturn
 
 import torch
 
-__all__ = ["EXIT_DIVERGED", "EXIT_USAGE", "OneLineParser", "device_problem_of", "one_line", "report"]
+__all__ = [
+    "EXIT_DIVERGED",
+    "EXIT_USAGE",
+    "Diverged",
+    "OneLineParser",
+    "ResumeError",
+    "device_problem_of",
+    "exit_status",
+    "one_line",
+    "report",
+]
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradients became NaN or infinite (the step was not applied), or the weights did after one.
+
+    The last checkpoint is kept; the message says whether it was read back and verified finite. Exit status 3.
+    """
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed by this run (other options, other processes, damaged, absent or in the way)."""
+
+
+def exit_status(err: BaseException) -> int:
+    """The documented exit status of a runner that failed with ``err`` (a user's mistake or a divergence)."""
+    return EXIT_DIVERGED if isinstance(err, Diverged) else EXIT_USAGE
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -158,6 +158,41 @@ def test_instruct_runner_trains_evaluates_and_reloads(tmp_path):
     assert instruct.main([*reload, "--eval-sets", "mmlu", "--eval-only", "--adapter", str(out / "last")]) == 2
 
 
+def test_instruct_resume_after_a_kill_mid_epoch_ends_with_the_same_results(tmp_path, monkeypatch):
+    records = fx.colour_records(20, seed=3)
+    model = fx.save_llama_folder(tmp_path / "model", records)
+    data = fx.write_json(tmp_path / "train.json", records)
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        # 16 training records in batches of 4 (micro-batches of 2): 4 steps an epoch, checkpoints at 3, 4, 6, 8
+        common = ["--model", str(model), "--output", str(out), "--data", str(data), "--lr", "1e-2", "--epochs", "2"]
+        common += ["--batch-size", "4", "--micro-batch-size", "2", "--val-size", "4", "--warmup-steps", "1"]
+        return common + ["--cutoff-len", "48", "--neat", "rank=2", "--checkpoint-steps", "3", *extra]
+
+    assert instruct.main(argv(tmp_path / "whole")) == 0
+    killed = tmp_path / "killed"
+    add_scalar = SummaryWriter.add_scalar
+
+    def die_at_step_7(self, tag, value, step=None, *args, **kwargs):
+        if tag == "train/loss" and step == 7:
+            raise KeyboardInterrupt("killed")
+        return add_scalar(self, tag, value, step, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", die_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        instruct.main(argv(killed))
+    monkeypatch.setattr(SummaryWriter, "add_scalar", add_scalar)
+    progress = torch.load(killed / CHECKPOINT, weights_only=True)["progress"]
+    assert (progress["global_step"], progress["epoch"], progress["step_in_epoch"]) == (6, 1, 2)  # mid epoch 2
+    assert instruct.main(argv(killed, "--resume")) == 0
+    whole, resumed = read_results(tmp_path / "whole"), read_results(killed)
+    assert resumed["history"] == whole["history"] and resumed["best"] == whole["best"]
+    assert (killed / "summary.csv").read_text() == (tmp_path / "whole" / "summary.csv").read_text()
+    for folder in ("best", "last"):
+        a, b = (load_file(out / folder / "adapter.safetensors") for out in (tmp_path / "whole", killed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("config", sorted((CONFIGS / "glue").glob("*.yaml")), ids=lambda p: p.stem)
 def test_glue_configs_hold_the_paper_settings(config):
     args = parse_args(glue.build_parser(), ["--config", str(config)], required=("task", "lr", "batch_size", "epochs"))

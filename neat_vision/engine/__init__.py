@@ -5,22 +5,19 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 from collections.abc import Sequence
 
 from neat_vision.config import ConfigError
 from neat_vision.engine.args import build_parser, load_config, parse_args
-from neat_vision.engine.checkpoint import CheckpointMismatchError
-from neat_vision.engine.loop import NonFiniteLossError, run
 from neat_vision.engine.model import UnreachedLayerError
 from neat_vision.engine.plan import dry_run
-from neat_vision.errors import EXIT_DIVERGED, EXIT_USAGE, report
+from neat_vision.engine.progress import log_to_stdout
+from neat_vision.engine.vision import NonFiniteLossError, run
+from neat_vision.errors import Diverged, ResumeError, exit_status, report
 
 # failures caused by options, files, data or run state: reported as one line, exit status 2 (errors.EXIT_USAGE)
 _USER_ERRORS = (
-    CheckpointMismatchError,
+    ResumeError,  # a checkpoint this run cannot resume (checkpoint.CheckpointMismatchError is this type)
     UnreachedLayerError,
     ConfigError,
     OSError,  # files: missing (FileNotFoundError), unreadable images, a file where a folder should be, ...
@@ -33,11 +30,8 @@ __all__ = ["NonFiniteLossError", "build_parser", "dry_run", "load_config", "main
 def main(argv: Sequence[str] | None = None) -> None:
     """The training script: parse, run, report; a bad option or file exits 2, a diverged run 3 (one line each)."""
     args = parse_args(argv)
-    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    log_to_stdout()
     try:
         run(args)
-    except NonFiniteLossError as err:
-        report(err, EXIT_DIVERGED)
-    except _USER_ERRORS as err:
-        report(err, EXIT_USAGE)
+    except (Diverged, *_USER_ERRORS) as err:
+        report(err, exit_status(err))

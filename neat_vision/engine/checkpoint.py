@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from neat_vision.adapter import atomic_write, trained_state
-from neat_vision.errors import one_line
+from neat_vision.errors import ResumeError, one_line
 
 __all__ = [
     "CHECKPOINT_TENSORS",
@@ -73,11 +73,11 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "progress
 CHECKPOINT_TENSORS = ("model", "optimizer")
 
 
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not belong to the run that tries to resume from it."""
+# the one resume error (`neat_vision.errors`), under the name this module has always used
+CheckpointMismatchError = ResumeError
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(ResumeError, ValueError):
     """A checkpoint file cannot be read (truncated, or not written by ``train.py``)."""
 
 
@@ -95,13 +95,15 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` captured."""
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    numpy = state["numpy"]
-    has_gauss, cached = numpy["gauss"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], has_gauss, cached))
+    """Restore what ``rng_state`` captured (older NLP checkpoints hold only the torch and CUDA states)."""
+    if "python" in state:
+        random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    if "numpy" in state:
+        numpy = state["numpy"]
+        has_gauss, cached = numpy["gauss"]
+        np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

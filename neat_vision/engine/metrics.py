@@ -1,13 +1,10 @@
-"""Top-k accuracy from exact counts (summed over ranks), evaluation, and the per-epoch ``summary.csv``."""
+"""Top-k accuracy from exact counts (summed over ranks) and evaluation."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import itertools
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from neat_vision.engine.distributed import DistEnv, all_reduce_sum
 
-__all__ = ["append_summary", "evaluate", "topk_correct", "truncate_summary"]
+__all__ = ["evaluate", "topk_correct"]
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -55,27 +52,3 @@ def evaluate(
     if count == 0:
         raise ValueError("evaluation saw no samples (empty split, or limit_eval_batches too small)")
     return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": int(count)}
-
-
-def append_summary(path: Path, row: dict[str, Any]) -> None:
-    """Append one epoch's ``row`` to ``summary.csv`` (header written with the first row)."""
-    new = not path.is_file() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def truncate_summary(path: Path, epochs_done: int) -> None:
-    """Keep only the rows of the first ``epochs_done`` epochs (a resumed run rewrites the rest)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        rows = [r for r in reader if int(r["epoch"]) <= epochs_done]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import sys
 import time
 
 from tqdm import tqdm
 
-__all__ = ["Progress", "format_seconds"]
+__all__ = ["Progress", "format_seconds", "log_to_stdout"]
 
 logger = logging.getLogger("neat_vision.engine")
+
+
+def log_to_stdout() -> None:
+    """What a runner's ``main`` does first: log lines (progress with ETA, epochs) on stdout, from rank 0 only."""
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
 
 
 def format_seconds(seconds: float) -> str:

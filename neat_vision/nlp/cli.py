@@ -19,8 +19,9 @@ import yaml
 
 from ..adapter import AdapterMismatchError
 from ..config import ConfigError, NeatConfig
-from ..errors import EXIT_DIVERGED, EXIT_USAGE, OneLineParser, device_problem_of, one_line
-from .loop import Diverged, ResumeError
+from ..engine.distributed import DistEnv, setup_distributed
+from ..engine.progress import log_to_stdout
+from ..errors import Diverged, OneLineParser, ResumeError, device_problem_of, exit_status, one_line
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -145,7 +146,27 @@ USER_ERRORS = (Diverged, ResumeError, AdapterMismatchError, ValueError, OSError)
 def exit_code(err: BaseException) -> int:
     """Report a runner's failure in one line on stderr; its exit status (`neat_vision.errors`)."""
     print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-    return EXIT_DIVERGED if isinstance(err, Diverged) else EXIT_USAGE
+    return exit_status(err)
+
+
+def run_main(
+    run: Callable[[argparse.Namespace, DistEnv], dict[str, Any]], args: argparse.Namespace
+) -> tuple[int, dict[str, Any] | None]:
+    """A runner's ``main`` around ``run(args, env)``: log lines, the torchrun process group, one-line errors.
+
+    Returns the exit status and the results (``None`` when it failed, and on ranks other than 0).
+    """
+    log_to_stdout()
+    env = None
+    try:
+        env = setup_distributed(args.device)
+        results = run(args, env)
+    except USER_ERRORS as err:
+        return exit_code(err), None
+    finally:
+        if env is not None:
+            env.close()
+    return 0, results if env.is_main else None
 
 
 def load_pretrained(load: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:

@@ -35,15 +35,13 @@ from ..errors import OneLineParser
 from .apply import apply_neat, load_tokenizer
 from .cli import (
     DTYPES,
-    USER_ERRORS,
     add_common_arguments,
-    exit_code,
     load_pretrained,
     parse_args,
-    run_config,
+    run_main,
 )
 from .glue_data import TASKS, Example, get_task, load_glue
-from .loop import LoopSettings, TrainLoop, check_output, distribute, make_optimizer, prepare_model, seed_rank
+from .loop import TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
 from .metrics import TASK_METRICS, glue_metrics, primary_metric
 
 
@@ -134,30 +132,8 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
     optimizer = make_optimizer(model, args.lr, args.head_lr, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * steps), steps)
     metric = primary_metric(task.name)
-    settings = LoopSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        micro_batch_size=args.batch_size,
-        seed=args.seed,
-        max_grad_norm=args.max_grad_norm,
-        checkpoint_steps=args.checkpoint_steps,
-        autocast_dtype=dtype,
-        select_metric=metric,
-    )
-    loop = TrainLoop(
-        model,
-        optimizer,
-        scheduler,
-        n_train=len(train),
-        loss_fn=loss_fn,
-        evaluate=evaluate,
-        settings=settings,
-        out=args.output,
-        run_config=run_config(args),
-        env=env,
-        net=net,
-    )
-    progress = loop.run(resume=args.resume)
+    text_task = TextTask(args, env, model, net, optimizer, scheduler, n_train=len(train), loss_fn=loss_fn)
+    progress = train_text(text_task, evaluate, select_metric=metric)
     results = {
         "task": task.name,
         "metric": metric,
@@ -175,17 +151,9 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = parse_args(build_parser(), argv, required=("task", "lr", "batch_size", "epochs", "output"))
-    env = None
-    try:
-        env = setup_distributed(args.device)
-        results = train_glue(args, env)
-    except USER_ERRORS as err:
-        return exit_code(err)
-    finally:
-        if env is not None:
-            env.close()
-    if not env.is_main:
-        return 0
+    code, results = run_main(train_glue, args)
+    if results is None:
+        return code
     best = results["best"]
     scores = ", ".join(f"{k} {best[k]:.4f}" for k in TASK_METRICS[args.task])
     print(f"{args.task}: best epoch {best['epoch']}: {scores} -> {args.output}")

@@ -44,15 +44,13 @@ from .answers import get_evaluator, reference_answer
 from .apply import apply_neat, load_adapter, load_tokenizer
 from .cli import (
     DTYPES,
-    USER_ERRORS,
     add_common_arguments,
-    exit_code,
     load_pretrained,
     parse_args,
-    run_config,
+    run_main,
 )
 from .instruct_data import load_records, pad_batch, prompt, tokenize_record
-from .loop import LoopSettings, TrainLoop, check_output, distribute, make_optimizer, prepare_model, seed_rank
+from .loop import TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,7 +172,7 @@ def run_instruct(args: argparse.Namespace, env: DistEnv | None = None) -> dict[s
         apply_neat(model, NeatConfig.coerce(args.neat))
         place = torch.device("cpu") if args.fsdp else device  # FSDP moves each rank's shard to its device
         model = prepare_model(model, device=place, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
-        results = _train(model, tokenizer, args, dtype, env)
+        results = _train(model, tokenizer, args, env)
     results["params"] = trainable_summary(model)
     if eval_files:
         merge_and_unload(model)  # generation then costs what the base model costs
@@ -202,9 +200,7 @@ def run_instruct(args: argparse.Namespace, env: DistEnv | None = None) -> dict[s
     return results
 
 
-def _train(
-    model: Any, tokenizer: Any, args: argparse.Namespace, dtype: torch.dtype | None, env: DistEnv
-) -> dict[str, Any]:
+def _train(model: Any, tokenizer: Any, args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
     records = load_records(args.data)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed)).tolist()
     features = []  # int32 tensors: a tenth of the memory of lists for MetaMathQA's 395K records
@@ -242,31 +238,16 @@ def _train(
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
     optimizer = make_optimizer(model, args.lr, None, args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, steps)
-    settings = LoopSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        micro_batch_size=micro,
-        seed=args.seed,
-        max_grad_norm=args.max_grad_norm,
-        checkpoint_steps=args.checkpoint_steps,
-        autocast_dtype=dtype,
-        select_metric="val_loss" if val else None,
-        maximize=False,
+
+    def train_loss(indices: list[int]) -> tuple[torch.Tensor, int]:
+        return loss_sum([train[i] for i in indices])
+
+    text_task = TextTask(
+        args, env, model, net, optimizer, scheduler, n_train=len(train), loss_fn=train_loss, micro=micro
     )
-    loop = TrainLoop(
-        model,
-        optimizer,
-        scheduler,
-        n_train=len(train),
-        loss_fn=lambda indices: loss_sum([train[i] for i in indices]),
-        evaluate=evaluate if val else None,
-        settings=settings,
-        out=args.output,
-        run_config=run_config(args),
-        env=env,
-        net=net,
+    progress = train_text(
+        text_task, evaluate if val else None, select_metric="val_loss" if val else None, maximize=False
     )
-    progress = loop.run(resume=args.resume)
     model.config.use_cache = True
     return {"history": progress.history, "best": progress.best, "train_examples": len(train), "val_examples": len(val)}
 
@@ -274,17 +255,9 @@ def _train(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = parse_args(build_parser(), argv, required=("model", "output"))
-    env = None
-    try:
-        env = setup_distributed(args.device)
-        results = run_instruct(args, env)
-    except USER_ERRORS as err:
-        return exit_code(err)
-    finally:
-        if env is not None:
-            env.close()
-    if not env.is_main:
-        return 0
+    code, results = run_main(run_instruct, args)
+    if results is None:
+        return code
     for name, scored in results["eval"].items():
         print(f"{name}: accuracy {scored['accuracy']:.4f} ({scored['correct']}/{scored['total']})")
     print(f"-> {args.output}")
