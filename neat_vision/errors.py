@@ -16,9 +16,12 @@ from typing import NoReturn
 
 import torch
 
+from .adapter import AdapterMismatchError, UnreachedLayerError
+
 __all__ = [
     "EXIT_DIVERGED",
     "EXIT_USAGE",
+    "USER_ERRORS",
     "Diverged",
     "OneLineParser",
     "ResumeError",
@@ -41,6 +44,12 @@ class Diverged(RuntimeError):
 
 class ResumeError(RuntimeError):
     """A checkpoint cannot be resumed by this run (other options, other processes, damaged, absent or in the way)."""
+
+
+# what every runner reports in one line with its exit status: options, files, data or run state (a `ConfigError`
+# is a ValueError, a missing file an OSError), a checkpoint that cannot be resumed, a divergence; anything
+# else is a bug and keeps its traceback
+USER_ERRORS = (Diverged, ResumeError, AdapterMismatchError, UnreachedLayerError, ValueError, OSError)
 
 
 def exit_status(err: BaseException) -> int:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import neat_vision.engine.loop as loop_module
+import neat_vision.engine.options as options_module
 from neat_vision.engine.distributed import DistEnv
 from neat_vision.engine.loop import Diverged, EpochEnd, LoopSettings, Progress, ResumeError, TrainLoop
 
@@ -146,8 +147,9 @@ def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):
         make_loop(ToyTask(tmp_path), tmp_path).resume()
 
 
-def test_the_loop_module_imports_neither_timm_nor_transformers():
-    tree = ast.parse(Path(loop_module.__file__).read_text())
+@pytest.mark.parametrize("module", [loop_module, options_module], ids=lambda m: m.__name__)
+def test_the_shared_modules_import_neither_timm_nor_transformers(module):
+    tree = ast.parse(Path(module.__file__).read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not {name for name in imported if name.split(".")[0] in ("timm", "transformers")}

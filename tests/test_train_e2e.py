@@ -131,9 +131,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert capsys.readouterr().err.startswith("error: non-finite ")
 
 
-def test_torchrun_two_processes_with_gloo(tmp_path: Path) -> None:
+def test_torchrun_two_processes_with_gloo_train_like_one(tmp_path: Path) -> None:
+    # the same global batch: 2 processes x 16 = 1 x 32; augmentation is seeded per sample, not per rank
     config = tmp_path / "tiny.yaml"
-    config.write_text(json.dumps({**TINY, "epochs": 1, "output": str(tmp_path), "experiment": "ddp"}))
+    half = {**TINY, "batch_size": TINY["batch_size"] // 2}
+    config.write_text(json.dumps({**half, "epochs": 1, "output": str(tmp_path), "experiment": "ddp"}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
@@ -148,3 +150,11 @@ def test_torchrun_two_processes_with_gloo(tmp_path: Path) -> None:
     assert final["test_samples"] == 360 and final["steps"] == 5  # exact eval across shards; 9 batches, accum 2
     assert result.stdout.count("epoch 1/1: train loss") == 1  # only rank 0 reports
     assert len(_rows(tmp_path / "ddp")) == 1
+    one = run(_args(tmp_path, "one", epochs=1))
+    for key, value in one.items():
+        if key in VOLATILE or not isinstance(value, (int, float)):
+            continue
+        # measured: accuracies and counts equal, losses within 4e-8 (gloo's sum of two halves vs one sum)
+        assert final[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    ddp_rows, one_rows = _rows(tmp_path / "ddp"), _rows(tmp_path / "one")
+    assert float(ddp_rows[0]["train_loss"]) == pytest.approx(float(one_rows[0]["train_loss"]), rel=1e-6)

@@ -7,22 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from neat_vision.config import ConfigError
 from neat_vision.engine.args import build_parser, load_config, parse_args
-from neat_vision.engine.model import UnreachedLayerError
 from neat_vision.engine.plan import dry_run
 from neat_vision.engine.progress import log_to_stdout
 from neat_vision.engine.vision import NonFiniteLossError, run
-from neat_vision.errors import Diverged, ResumeError, exit_status, report
-
-# failures caused by options, files, data or run state: reported as one line, exit status 2 (errors.EXIT_USAGE)
-_USER_ERRORS = (
-    ResumeError,  # a checkpoint this run cannot resume (checkpoint.CheckpointMismatchError is this type)
-    UnreachedLayerError,
-    ConfigError,
-    OSError,  # files: missing (FileNotFoundError), unreadable images, a file where a folder should be, ...
-    ValueError,
-)
+from neat_vision.errors import USER_ERRORS, exit_status, report
 
 __all__ = ["NonFiniteLossError", "build_parser", "dry_run", "load_config", "main", "parse_args", "run"]
 
@@ -33,5 +22,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     log_to_stdout()
     try:
         run(args)
-    except (Diverged, *_USER_ERRORS) as err:
+    except USER_ERRORS as err:
         report(err, exit_status(err))

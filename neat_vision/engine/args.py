@@ -1,9 +1,8 @@
-"""Command line and YAML configs, timm style: a YAML ``--config`` sets the argparse defaults.
+"""``train.py``'s options, timm style: a YAML ``--config`` sets the argparse defaults, flags override them.
 
-YAML keys are the argparse destination names (``lr_neat``, ``neat_depth``); a config may start with
-``base: other.yaml`` (a path relative to the file) to inherit that file's values and override some. Unknown
-keys fail naming the key and its closest valid names; values are converted and checked as the command line
-would (PyYAML reads ``5e-3`` as a string, so types matter). Command-line options override the config.
+The grammar (``base:`` chains, key spellings, ``neat:`` mappings, suggestions for unknown keys) is the one
+every runner shares, in `neat_vision.engine.options`; this module holds the options and their allowed ranges,
+and checks the model name and the method's config before anything is built.
 """
 
 from __future__ import annotations
@@ -22,19 +21,21 @@ import yaml
 
 from neat_vision.config import ACTIVATIONS, AXES, PATHS, ConfigError
 from neat_vision.engine.model import _baselines, add_method_args, method_choices, neat_config
+from neat_vision.engine.options import (
+    ConfigFileError,
+    add_neat_arguments,
+    block_indices,
+    read_values,
+    settle_command_line,
+)
 from neat_vision.errors import OneLineParser, device_problem_of
 
 __all__ = ["ConfigFileError", "build_parser", "load_config", "parse_args", "resolved_config"]
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area", "lanczos")
-_KINDS = {"int": "an integer", "float": "a number", "_mapping": "a mapping", "_probability": "a probability"}
 # destinations that are not settable from a YAML file
 _NOT_IN_YAML = {"help", "config"}
-
-
-class ConfigFileError(ValueError):
-    """A YAML config holds an unknown key, an unreadable value or a broken ``base:`` chain."""
 
 
 def _mapping(text: str) -> dict[str, Any]:
@@ -65,16 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("method")
     g.add_argument("--method", default="neat", choices=method_choices(), help="what to train")
-    g.add_argument(
-        "--neat-targets", nargs="+", default=["q", "v"], help="aliases (q k v qkv proj fc1 fc2 mlp) or regexes"
+    add_neat_arguments(
+        g,
+        defaults=dict(targets=["q", "v"], rank=7, depth=2, act="relu", scale=1.0, axis="out", path="factored"),
+        choices=dict(act=ACTIVATIONS, axis=AXES, path=PATHS),
     )
-    g.add_argument("--neat-rank", type=int, default=7, help="tweaker width r")
-    g.add_argument("--neat-depth", type=int, default=2, help="tweaker depth (even; 2 = vanilla NEAT)")
-    g.add_argument("--neat-act", default="relu", choices=ACTIVATIONS, help="tweaker activation")
-    g.add_argument("--neat-scale", type=float, default=1.0, help="update scaling s")
-    g.add_argument("--neat-axis", default="out", choices=AXES, help="side of W0 the tweaker reads")
-    g.add_argument("--neat-layers", nargs="+", default=None, help="block indices to adapt (4 5 6, 4-11), or all")
-    g.add_argument("--neat-path", default="factored", choices=PATHS, help="training forward path")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16_224.orig_in21k", help="timm model name[.tag]")
@@ -112,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument(
-        "--lr-adapter", "--lr-neat", dest="lr_neat", type=float, default=5e-3,
-        help="LR of the update parameters of any method (NEAT, LoRA, FourierFT); YAML key lr_adapter or lr_neat",
+        "--lr-adapter", "--lr-neat", "--lr", dest="lr_neat", type=float, default=5e-3,
+        help="LR of the update parameters of any method (NEAT, LoRA, FourierFT); YAML key lr_adapter, lr_neat or lr",
     )  # fmt: skip
     g.add_argument("--lr-head", type=float, default=5e-3, help="LR of the classifier head")
     g.add_argument("--lr-backbone", type=float, default=None, help="LR of other trainable weights (None: lr_neat)")
@@ -121,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay-head", type=float, default=None, help="head weight decay (None: weight_decay)")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warmup, then linear decay to 0")
     g.add_argument("--amp", default="none", choices=AMP_CHOICES, help="mixed precision")
-    g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+    g.add_argument("--clip-grad", "--max-grad-norm", type=float, default=None, help="max gradient norm")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="None: cuda when available, else cpu")
     g.add_argument("--limit-train-batches", type=int, default=None, help="batches per epoch (smoke runs)")
@@ -131,8 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--output", default="runs", help="root folder of the runs")
     g.add_argument("--experiment", default=None, help="run folder name (None: <dataset>-<method>-<time>)")
-    g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' (the run folder's last.pth)")
-    g.add_argument("--checkpoint-interval", type=int, default=100, help="also save last.pth every N steps")
+    g.add_argument(
+        "--resume", nargs="?", const="auto", default=None,
+        help="checkpoint path, or auto (the run folder's last.pth; also --resume alone)",
+    )  # fmt: skip
+    g.add_argument(
+        "--checkpoint-interval", "--checkpoint-steps", type=int, default=100, help="also save last.pth every N steps"
+    )
     g.add_argument("--save-full", action=bool_flag, default=False, help="checkpoints include the frozen weights")
     g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and the last)")
     g.add_argument("--log-interval", type=int, default=20, help="optimizer steps between log lines")
@@ -142,105 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# method-neutral spellings of option names that predate the other methods
-YAML_ALIASES = {"lr_adapter": "lr_neat"}
-
-
-def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.dest not in _NOT_IN_YAML}
-
-
-def _read_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    path = path.resolve()
-    if path in seen:
-        chain = " -> ".join(str(s) for s in (*seen, path))
-        raise ConfigFileError(f"config inheritance loops: {chain}")
-    if not path.is_file():
-        where = f" (base of {seen[-1]})" if seen else ""
-        raise ConfigFileError(f"config file {path} not found{where}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigFileError(f"{path}: not valid YAML ({problem}{where})") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigFileError(f"{path}: cannot read the config ({err})") from err
-    if not isinstance(data, Mapping):
-        raise ConfigFileError(f"{path}: a config must be a YAML mapping of option: value, got {type(data).__name__}")
-    data = dict(data)
-    base = data.pop("base", None)
-    if base is None:
-        return {key: (value, path) for key, value in data.items()}
-    if not isinstance(base, str):
-        raise ConfigFileError(f"{path}: base must be a path to another YAML file, got {base!r}")
-    merged = _read_chain(path.parent / base, (*seen, path))
-    merged.update({key: (value, path) for key, value in data.items()})
-    return merged
-
-
-def _convert(action: argparse.Action, key: str, value: Any, where: Path) -> Any:
-    def fail(allowed: str) -> ConfigFileError:
-        return ConfigFileError(f"{where}: {key}={value!r} is not allowed: {allowed}")
-
-    if value is None:
-        return None
-    if isinstance(action, argparse.BooleanOptionalAction):
-        if not isinstance(value, bool):
-            raise fail("true or false")
-        return value
-    items = value if isinstance(value, list) and action.nargs is not None else [value]
-    if isinstance(action.nargs, int) and len(items) != action.nargs:
-        raise fail(f"a list of {action.nargs} values")
-    kind = _KINDS.get(getattr(action.type, "__name__", ""), "a string")
-    out = []
-    for item in items:
-        if isinstance(item, bool) or (action.type is int and isinstance(item, float) and not item.is_integer()):
-            raise fail(kind)
-        try:
-            out.append(action.type(item) if action.type is not None else str(item))
-        except argparse.ArgumentTypeError as err:
-            raise fail(str(err)) from err
-        except (TypeError, ValueError) as err:
-            raise fail(f"{kind} ({err})") from err
-    if action.choices is not None and any(v not in action.choices for v in out):
-        raise fail(f"one of {', '.join(map(str, action.choices))}")
-    value = out if action.nargs is not None else out[0]
-    if key in RANGES and not RANGES[key][0](value):
-        raise fail(RANGES[key][1])
-    return value
-
-
 def load_config(path: str | Path, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
     """The option values a YAML config (with its ``base:`` chain) sets, converted and checked."""
-    actions = _actions(parser or build_parser())
-    values = {}
-    for key, (value, where) in _read_chain(Path(path), ()).items():
-        key = YAML_ALIASES.get(key, key)
-        if key not in actions:
-            close = difflib.get_close_matches(key, list(actions), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigFileError(f"{where}: unknown key {key!r}{hint} (keys are option names with underscores)")
-        values[key] = _convert(actions[key], key, value, where)
-    return values
+    return read_values(path, parser or build_parser(), skip=_NOT_IN_YAML, check=_check_range)
 
 
-def _block_indices(values: list[Any]) -> list[int] | None:
-    """``['all']`` -> ``None``; ints and strings like ``4-11`` or ``0,2,4`` -> sorted block indices."""
-    tokens = [t for v in values for t in re.split(r"[,\s]+", str(v).strip()) if t]
-    if [t.lower() for t in tokens] == ["all"]:
-        return None
-    out: set[int] = set()
-    for token in tokens:
-        span = re.fullmatch(r"(\d+)-(\d+)", token)
-        if span:
-            out.update(range(int(span[1]), int(span[2]) + 1))
-        elif token.isdigit():
-            out.add(int(token))
-        else:
-            raise ValueError(token)
-    return sorted(out)
+def _check_range(key: str, value: Any, where: Path) -> None:
+    if key in RANGES and not RANGES[key][0](value):
+        raise ConfigFileError(f"{where}: {key}={value!r} is not allowed: {RANGES[key][1]}")
 
 
 def _number(value: Any) -> bool:
@@ -306,11 +216,12 @@ def _check_method(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+def _finalize(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    settle_command_line(parser, args, argv)
     args.neat_targets = [t for v in args.neat_targets for t in re.split(r"[,\s]+", v.strip()) if t]
     if args.neat_layers is not None:
         try:
-            args.neat_layers = _block_indices(args.neat_layers)
+            args.neat_layers = block_indices(args.neat_layers)
         except ValueError:
             parser.error(f"neat_layers={args.neat_layers!r} is not allowed: block indices (4 5 6, 4-11, 0,2) or all")
     for name, (ok, allowed) in RANGES.items():
@@ -337,7 +248,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.set_defaults(**load_config(known.config, parser))
         except ConfigFileError as err:
             parser.error(str(err))
-    return _finalize(parser.parse_args(argv), parser)
+    return _finalize(parser.parse_args(argv), parser, argv)
 
 
 def resolved_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from neat_vision.adapter import atomic_write, trained_state
+from neat_vision.engine.options import option_differences
 from neat_vision.errors import ResumeError, one_line
 
 __all__ = [
@@ -127,17 +128,11 @@ def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
 
 def check_resumable(saved: dict[str, Any], args: argparse.Namespace) -> None:
     """Fail naming every option (outside ``RUN_CONTROL_OPTIONS``) whose value differs from the checkpoint's."""
-    current = vars(args)
-    keys = (set(saved) | set(current)) - RUN_CONTROL_OPTIONS - {"config"}
-    diffs = [
-        f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-        for k in sorted(keys)
-        if saved.get(k) != current.get(k)
-    ]
+    diffs = option_differences(saved, vars(args), ignore=RUN_CONTROL_OPTIONS | {"config"})
     if diffs:
         raise CheckpointMismatchError(
             "cannot resume: options differ from the checkpoint's (resume with the run's args.yaml as --config): "
-            + "; ".join(diffs)
+            + diffs
         )
 
 

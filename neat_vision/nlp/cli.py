@@ -1,27 +1,35 @@
-"""Command-line settings of the runners: a YAML ``--config`` sets the defaults, flags override them.
+"""Command-line settings of the GLUE and instruction runners, in the grammar of every runner.
 
-YAML keys are the flags' names with underscores (``batch_size`` for ``--batch-size``); ``neat:`` is a mapping
-of `NeatConfig` fields, overridden field by field with ``--neat KEY=VALUE`` (the value read as YAML).
-Unknown keys fail with the allowed names, so a misspelled setting never passes silently.
+A YAML ``--config`` (with ``base:`` chains) sets the defaults, flags override them; keys are the flags' names
+with underscores (``batch_size`` for ``--batch-size``); the NEAT fields are ``neat: {rank: 8}``, ``neat_rank``,
+``--neat-rank 8`` or ``--neat rank=8`` (`neat_vision.engine.options`). Unknown keys fail with the closest names.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from ..adapter import AdapterMismatchError
-from ..config import ConfigError, NeatConfig
+from ..config import ACTIVATIONS, AXES, PATHS, ConfigError, NeatConfig
 from ..engine.distributed import DistEnv, setup_distributed
+from ..engine.options import (
+    NEAT_FIELDS,
+    ConfigFileError,
+    add_neat_arguments,
+    block_indices,
+    read_values,
+    settle_command_line,
+)
 from ..engine.progress import log_to_stdout
-from ..errors import Diverged, OneLineParser, ResumeError, device_problem_of, exit_status, one_line
+from ..errors import USER_ERRORS, OneLineParser, device_problem_of, exit_status, one_line
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -55,72 +63,100 @@ NOT_TRAINING = {"config", "resume", "device", "output", "checkpoint_steps", "eva
 NOT_TRAINING |= {"eval_limit", "max_new_tokens", "num_beams", "eval_only", "adapter", "fsdp"}
 
 
+def _amp(text: str) -> str:
+    """``--amp`` / ``--dtype``: train.py's ``none`` is ``fp32``; fp16 (with a GradScaler) is train.py's only."""
+    value = {"none": "fp32"}.get(text, text)
+    if value == "fp16":
+        raise argparse.ArgumentTypeError("fp16 is train.py's only (it needs a GradScaler): bf16 or none (fp32)")
+    if value not in DTYPES:
+        raise argparse.ArgumentTypeError("one of fp32, bf16 (as --amp: none, bf16)")
+    return value
+
+
+def _resume(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: these runners continue the run in --output (--resume or --resume auto)"
+        )
+    return text
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags every runner has: config, model, output, NEAT overrides, optimisation and checkpointing basics."""
+    """Flags every runner has: config, model, output, NEAT fields, optimisation and checkpointing basics.
+
+    Their names are train.py's where they mean the same thing (``--neat-rank``, ``--lr-adapter``, ``--amp``,
+    ``--resume auto``, ``--experiment``, ``--clip-grad``, ``--checkpoint-interval``), with the older spellings kept.
+    """
     parser.add_argument("--config", help="YAML file whose keys set the defaults of these flags")
     parser.add_argument("--model", help="transformers model name or local folder (from_pretrained)")
     parser.add_argument("--tokenizer", help="tokenizer name or folder (default: --model)")
     parser.add_argument("--output", help="run folder: checkpoint.pt, best/ and last/ adapters, summary.csv, tb/")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoint.pt")
+    parser.add_argument("--experiment", help="run folder name under --output (default: --output is the run folder)")
     parser.add_argument(
-        "--neat", dest="neat_overrides", action="append", default=[], metavar="KEY=VALUE", help="NeatConfig field"
+        "--resume", nargs="?", const="auto", type=_resume, help="continue the run in --output from checkpoint.pt"
     )
-    parser.add_argument("--lr", type=float, help="learning rate of the tweakers")
+    add_neat_arguments(parser, defaults={}, choices=dict(act=ACTIVATIONS, axis=AXES, path=PATHS))
+    parser.add_argument("--lr", "--lr-adapter", "--lr-neat", type=float, help="learning rate of the tweakers")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--batch-size", type=int, help="examples per optimizer step")
+    parser.add_argument("--batch-size", type=int, help="examples per optimizer step (all processes together)")
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: off)")
+    parser.add_argument("--max-grad-norm", "--clip-grad", type=float, default=0.0, help="gradient clipping (0: off)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="bf16: bf16 base weights and autocast")
+    parser.add_argument(
+        "--dtype", "--amp", type=_amp, default="fp32", metavar="{fp32,bf16,none}",
+        help="bf16: bf16 base weights and autocast; none = fp32",
+    )  # fmt: skip
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--checkpoint-steps", type=int, default=500, help="also checkpoint every N steps (0: off)")
-    parser.set_defaults(neat={})
+    parser.add_argument(
+        "--checkpoint-steps", "--checkpoint-interval", type=int, default=500,
+        help="also checkpoint every N steps (0: off)",
+    )  # fmt: skip
+    # the NeatConfig fields without a flag of their own: set in YAML (neat: {train_head: false}) or with --neat
+    parser.set_defaults(**{f"neat_{f.name}": None for f in fields(NeatConfig) if f.name not in NEAT_FIELDS})
 
 
 def parse_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, required: Sequence[str]
 ) -> argparse.Namespace:
-    """Parse ``argv`` with ``--config`` defaults; fail on unknown YAML keys and on missing ``required`` settings."""
+    """Parse ``argv`` with ``--config`` defaults (`neat_vision.engine.options`: the grammar of every runner).
+
+    Fails on unknown YAML keys, on values out of range and on missing ``required`` settings; ``args.neat`` is
+    the mapping of the NeatConfig fields set, validated.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     pre = OneLineParser(prog=parser.prog, add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            parser.error(f"--config {path}: no such file")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            parser.error(f"--config {path}: not a readable YAML file ({str(err).splitlines()[0]}{where})")
-        if not isinstance(values, Mapping):
-            parser.error(f"--config {path}: a config must be a YAML mapping of setting: value")
-        allowed = {a.dest for a in parser._actions} | set(parser._defaults)
-        allowed -= {"help", "config", "neat_overrides", "resume"}
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            parser.error(f"{path}: unknown key(s) {unknown}; allowed keys are {', '.join(sorted(allowed))}")
-        parser.set_defaults(**values)
+            parser.set_defaults(**read_values(known.config, parser, skip={"resume"}))
+        except ConfigFileError as err:
+            parser.error(str(err))
     args = parser.parse_args(argv)
-    if not isinstance(args.neat or {}, Mapping):
-        parser.error(f"neat={args.neat!r} is not allowed: a mapping of NeatConfig fields, e.g. {{rank: 8}}")
-    args.neat = dict(args.neat or {})
-    for item in args.neat_overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--neat {item!r} is not allowed: KEY=VALUE (e.g. --neat rank=8)")
-        args.neat[key] = yaml.safe_load(value)
-    del args.neat_overrides
+    settle_command_line(parser, args, argv)
+    neat = {}
+    for name in [k for k in vars(args) if k.startswith("neat_")]:
+        value = vars(args).pop(name)
+        if value is not None:
+            neat[name[5:]] = value
+    if "targets" in neat and isinstance(neat["targets"], list):
+        neat["targets"] = [t for v in neat["targets"] for t in re.split(r"[,\s]+", str(v).strip()) if t]
+    if "layers" in neat and (isinstance(neat["layers"], str) or any(isinstance(v, str) for v in neat["layers"])):
+        try:
+            neat["layers"] = block_indices(neat["layers"])
+        except (TypeError, ValueError):
+            parser.error(f"neat_layers={neat['layers']!r} is not allowed: block indices (4 5 6, 4-11, 0,2) or all")
+    args.neat = neat
+    if args.experiment is not None:
+        if args.output is None:
+            parser.error("--experiment needs --output: the folder that holds the run folders")
+        args.output = str(Path(args.output) / args.experiment)
+    del args.experiment
     missing = [name for name in required if getattr(args, name) is None]
     if missing:
         flags = ", ".join("--" + name.replace("_", "-") for name in missing)
         parser.error(f"missing setting(s) {flags}: give them as flags or in the --config file")
-    for action in parser._actions:  # argparse checks choices on the command line only, not on YAML defaults
-        value = getattr(args, action.dest, None)
-        if action.choices and value is not None and value not in action.choices:
-            parser.error(f"{action.dest}={value!r} is not allowed: one of {', '.join(map(str, action.choices))}")
     for name in COUNTS:
         value = getattr(args, name, None)
         if value is not None and (not _integer(value) or value < 1):
@@ -137,10 +173,6 @@ def parse_args(
     if device_problem:
         parser.error(device_problem)
     return args
-
-
-# what a runner's main reports in one line (`exit_code`); anything else is a bug and keeps its traceback
-USER_ERRORS = (Diverged, ResumeError, AdapterMismatchError, ValueError, OSError)
 
 
 def exit_code(err: BaseException) -> int:

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser)
     parser.add_argument("--task", choices=list(TASKS))
     parser.add_argument("--data-dir", help="GLUE TSV folder (<data-dir>/CoLA/train.tsv, ...); default: datasets")
-    parser.add_argument("--head-lr", type=float, help="learning rate of the classifier head (default: --lr)")
+    parser.add_argument(
+        "--head-lr", "--lr-head", type=float, help="learning rate of the classifier head (default: --lr)"
+    )
     parser.add_argument("--max-length", type=int, default=512, help="tokens per example (truncation)")
     parser.add_argument("--warmup-ratio", type=float, default=0.06)
     parser.add_argument("--eval-batch-size", type=int, help="default: --batch-size")

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..adapter import describe_base, fingerprint, neat_parameters, remove_stale_temporaries, save_adapter
 from ..engine.distributed import DistEnv
 from ..engine.loop import Diverged, EpochEnd, LoopSettings, Progress, ResumeError, TrainLoop
+from ..engine.options import option_differences
 from ..errors import one_line
 from .cli import DTYPES, run_config
 
@@ -233,10 +234,9 @@ class TextTask:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ResumeError(f"{path} is not a {CHECKPOINT_FORMAT} file")
         saved = state["run_config"]
-        changed = sorted(k for k in set(saved) | set(self.run_config) if saved.get(k) != self.run_config.get(k))
-        if changed:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {self.run_config.get(k)!r}" for k in changed)
-            raise ResumeError(f"{path} was written with other settings ({detail}); resume with those")
+        diffs = option_differences(saved, self.run_config)
+        if diffs:
+            raise ResumeError(f"cannot resume: settings differ from {path}'s (resume with those): {diffs}")
         trainable = _trainable(self.model)
         if set(trainable) != set(state["trainable"]):
             raise ResumeError(f"{path} holds other trainable tensors than this model")

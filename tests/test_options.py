@@ -1,0 +1,183 @@
+"""One option grammar for train.py, the GLUE runner and the instruction runner (`neat_vision.engine.options`).
+
+The same names mean the same settings in all three, on the command line and in YAML (with ``base:`` chains);
+unknown keys get suggestions; two spellings of one option fail naming both; nothing is loaded to find out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from neat_vision import NeatConfig  # noqa: E402
+from neat_vision.engine import parse_args as train_parse  # noqa: E402
+from neat_vision.engine.model import neat_config  # noqa: E402
+from neat_vision.nlp import glue, instruct  # noqa: E402
+from neat_vision.nlp.cli import parse_args as nlp_parse  # noqa: E402
+from neat_vision.nlp.cli import run_config  # noqa: E402
+
+RUNNERS = ("train", "glue", "instruct")
+
+
+def _parse(runner: str, argv: list[str]):
+    if runner == "train":
+        return train_parse(["--model", "vit_tiny_patch16_224", "--no-pretrained", *argv])
+    parser = glue.build_parser() if runner == "glue" else instruct.build_parser()
+    return nlp_parse(parser, ["--model", "tiny", *(["--task", "cola"] if runner == "glue" else []), *argv], ())
+
+
+def _settings(runner: str, args) -> dict:
+    """What the shared names set, read back from each runner's namespace."""
+    if runner == "train":
+        return dict(
+            neat=neat_config(args),
+            lr=args.lr_neat,
+            clip=args.clip_grad,
+            every=args.checkpoint_interval,
+            amp=args.amp,
+            resume=args.resume,
+            folder=Path(args.output) / args.experiment if args.experiment else None,
+            seed=args.seed,
+            epochs=args.epochs,
+        )
+    return dict(
+        neat=NeatConfig.coerce(args.neat),
+        lr=args.lr,
+        clip=args.max_grad_norm,
+        every=args.checkpoint_steps,
+        amp=args.dtype,
+        resume=args.resume,
+        folder=Path(args.output) if args.output else None,
+        seed=args.seed,
+        epochs=args.epochs,
+    )
+
+
+SHARED_FLAGS = [
+    *("--neat-targets", "q,v", "--neat-rank", "4", "--neat-depth", "4", "--neat-act", "sin", "--neat-scale", "0.5"),
+    *("--neat-axis", "in", "--neat-layers", "0-1", "--lr-adapter", "1e-3", "--clip-grad", "1.0"),
+    *("--checkpoint-interval", "7", "--amp", "bf16", "--seed", "3", "--epochs", "2"),
+    *("--resume", "auto", "--output", "root", "--experiment", "exp"),
+]
+SHARED_YAML = """
+neat: {targets: [q, v], rank: 4, depth: 4}
+neat_act: sin
+lr_adapter: 1e-3
+clip_grad: 1.0
+checkpoint_interval: 7
+amp: bf16
+seed: 3
+"""
+EXPECTED = dict(
+    neat=NeatConfig(targets=("q", "v"), rank=4, depth=4, act="sin", scale=0.5, axis="in", layers=(0, 1)),
+    lr=1e-3,
+    clip=1.0,
+    every=7,
+    amp="bf16",
+    resume="auto",
+    folder=Path("root") / "exp",
+    seed=3,
+    epochs=2,
+)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_every_runner_reads_the_shared_names_on_the_command_line(runner):
+    assert _settings(runner, _parse(runner, SHARED_FLAGS)) == EXPECTED
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_every_runner_reads_the_shared_names_from_a_yaml_chain(runner, tmp_path):
+    (tmp_path / "base.yaml").write_text(SHARED_YAML + "epochs: 9\nneat_scale: 0.25\n")
+    leaf = tmp_path / "sub" / "leaf.yaml"
+    leaf.parent.mkdir()
+    # the leaf overrides the base key by key, and the neat fields one by one
+    leaf.write_text("base: ../base.yaml\nepochs: 2\nneat: {scale: 0.5, axis: in, layers: 0-1}\n")
+    args = _parse(runner, ["--config", str(leaf), "--resume", "--output", "root", "--experiment", "exp"])
+    assert _settings(runner, args) == EXPECTED
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_neat_field_value_is_the_same_as_its_own_flag(runner):
+    by_field = _parse(runner, ["--neat", "rank=5", "--neat", "act=tanh", "--neat", "layers=[2, 3]"])
+    by_flag = _parse(runner, ["--neat-rank", "5", "--neat-act", "tanh", "--neat-layers", "2", "3"])
+    assert _settings(runner, by_field)["neat"] == _settings(runner, by_flag)["neat"]
+    assert _settings(runner, by_flag)["neat"].rank == 5
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--lr", "1e-3", "--lr-adapter", "2e-3"], "--lr and --lr-adapter set the same option"),
+        (["--neat", "rank=4", "--neat-rank", "8"], "--neat rank=... and --neat-rank set the same option"),
+        (["--neat", "rnak=4"], "'rnak' is not a NeatConfig field; did you mean rank?"),
+        (["--neat", "rank"], "--neat 'rank' is not allowed: FIELD=VALUE"),
+        (["--neat-act", "swish"], "invalid choice: 'swish'"),
+        (["--neat", "act=swish"], "neat_act='swish' is not allowed: one of relu, sin"),
+        (["--neat", "depth=3"], "depth=3 is not allowed: an even integer >= 2"),
+    ],
+)
+def test_two_spellings_and_bad_neat_fields_fail_naming_them(runner, argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(runner, argv)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("lr_adaptr: 1e-3\n", "unknown key 'lr_adaptr'; did you mean lr_adapter"),
+        ("neat: {rnak: 4}\n", "unknown key 'neat_rnak'; did you mean neat_rank"),
+        ("lr: 1e-3\nlr_adapter: 2e-3\n", "lr and lr_adapter set the same option: keep one"),
+        ("neat: {rank: 4}\nneat_rank: 8\n", "neat_rank and neat_rank set the same option"),
+        ("neat: 4\n", "neat=4 is not allowed: a mapping of NeatConfig fields"),
+        ("seed: 1.5\n", "seed=1.5 is not allowed: an integer"),
+        ("amp: fp8\n", "amp='fp8' is not allowed: "),
+    ],
+)
+def test_bad_yaml_fails_in_every_runner_naming_the_file_key_and_value(runner, text, expected, tmp_path, capsys):
+    (tmp_path / "base.yaml").write_text(text)
+    leaf = tmp_path / "leaf.yaml"
+    leaf.write_text("base: base.yaml\nepochs: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(runner, ["--config", str(leaf)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(tmp_path / "base.yaml") in err  # the file that holds the mistake
+
+
+def test_nlp_runners_read_yaml_numbers_as_train_py_does(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 5e-3\nhead_lr: 1e-3\n")  # PyYAML reads 5e-3 as a string
+    args = _parse("glue", ["--config", str(config)])
+    assert (args.lr, args.head_lr) == (5e-3, 1e-3)
+    assert _parse("glue", ["--lr-head", "2e-3"]).head_lr == 2e-3
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--amp", "fp16"], "fp16 is train.py's only (it needs a GradScaler): bf16 or none"),
+        (["--resume", "last.pth"], "these runners continue the run in --output (--resume or --resume auto)"),
+        (["--experiment", "x"], "--experiment needs --output"),
+    ],
+)
+def test_nlp_runners_refuse_what_only_train_py_does(argv, expected, capsys):
+    with pytest.raises(SystemExit):
+        _parse("instruct", argv)
+    assert expected in capsys.readouterr().err
+
+
+def test_spellings_do_not_change_what_a_resumed_run_compares():
+    old = _parse("glue", ["--neat", "rank=4", "--lr", "1e-3", "--dtype", "fp32", "--resume", "--output", "r/e"])
+    new = _parse(
+        "glue", ["--neat-rank", "4", "--lr-adapter", "1e-3", "--amp", "none", "--output", "r", "--experiment", "e"]
+    )
+    assert run_config(old) == run_config(new)
+    assert {"neat_rank", "neat_overrides", "experiment"}.isdisjoint(vars(new))
