@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,6 @@ from neat_vision.engine.model import _baselines, add_method_args, method_choices
 from neat_vision.engine.options import (
     ConfigFileError,
     add_neat_arguments,
-    block_indices,
     read_values,
     settle_command_line,
 )
@@ -218,12 +216,6 @@ def _check_method(args: argparse.Namespace) -> str | None:
 
 def _finalize(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     settle_command_line(parser, args, argv)
-    args.neat_targets = [t for v in args.neat_targets for t in re.split(r"[,\s]+", v.strip()) if t]
-    if args.neat_layers is not None:
-        try:
-            args.neat_layers = block_indices(args.neat_layers)
-        except ValueError:
-            parser.error(f"neat_layers={args.neat_layers!r} is not allowed: block indices (4 5 6, 4-11, 0,2) or all")
     for name, (ok, allowed) in RANGES.items():
         value = getattr(args, name, None)
         if value is not None and not ok(value):

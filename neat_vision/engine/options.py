@@ -33,6 +33,7 @@ __all__ = [
     "read_layers",
     "read_values",
     "settle_command_line",
+    "split_names",
 ]
 
 # the NeatConfig fields that have their own ``--neat-FIELD`` option in every runner
@@ -191,7 +192,10 @@ def given_spelling(action: argparse.Action, argv: Sequence[str]) -> str | None:
 
 
 def settle_command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """Refuse an option given in two spellings; apply each ``--neat FIELD=VALUE`` to ``args.neat_FIELD``."""
+    """Refuse an option given in two spellings; apply each ``--neat FIELD=VALUE`` to ``args.neat_FIELD``.
+
+    Then ``neat_targets`` is split into names (``q,v`` -> ``q``, ``v``) and ``neat_layers`` read as block indices.
+    """
     for action in parser._actions:
         if isinstance(action, argparse.BooleanOptionalAction):  # --x --no-x: the last wins, as argparse does
             continue
@@ -222,6 +226,13 @@ def settle_command_line(parser: argparse.ArgumentParser, args: argparse.Namespac
                 parser.error(str(err))
         setattr(args, f"neat_{field}", value)
     del args.neat_overrides
+    if isinstance(getattr(args, "neat_targets", None), (list, tuple)):
+        args.neat_targets = split_names(args.neat_targets)
+    if getattr(args, "neat_layers", None) is not None:
+        try:
+            args.neat_layers = block_indices(args.neat_layers)
+        except (TypeError, ValueError):
+            parser.error(f"neat_layers={args.neat_layers!r} is not allowed: block indices (4 5 6, 4-11, 0,2) or all")
 
 
 def add_neat_arguments(group: Any, defaults: Mapping[str, Any], choices: Mapping[str, Sequence[str]]) -> None:
@@ -260,13 +271,17 @@ def option_differences(saved: Mapping[str, Any], current: Mapping[str, Any], ign
     )
 
 
+def split_names(values: Sequence[Any]) -> list[str]:
+    """Names given as separate values or in one, separated by commas or spaces (``['q,v', 'mlp']``)."""
+    return [t for v in values for t in re.split(r"[,\s]+", str(v).strip()) if t]
+
+
 def block_indices(values: Sequence[Any] | Any) -> list[int] | None:
     """``['all']`` -> ``None``; ints and strings like ``4-11`` or ``0,2,4`` -> sorted block indices.
 
     Raises ``ValueError`` naming the token that is none of these.
     """
-    values = values if isinstance(values, (list, tuple)) else [values]
-    tokens = [t for v in values for t in re.split(r"[,\s]+", str(v).strip()) if t]
+    tokens = split_names(values if isinstance(values, (list, tuple)) else [values])
     if [t.lower() for t in tokens] == ["all"]:
         return None
     out: set[int] = set()

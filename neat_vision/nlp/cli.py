@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -24,7 +23,6 @@ from ..engine.options import (
     NEAT_FIELDS,
     ConfigFileError,
     add_neat_arguments,
-    block_indices,
     read_values,
     settle_command_line,
 )
@@ -140,13 +138,6 @@ def parse_args(
         value = vars(args).pop(name)
         if value is not None:
             neat[name[5:]] = value
-    if "targets" in neat and isinstance(neat["targets"], list):
-        neat["targets"] = [t for v in neat["targets"] for t in re.split(r"[,\s]+", str(v).strip()) if t]
-    if "layers" in neat and (isinstance(neat["layers"], str) or any(isinstance(v, str) for v in neat["layers"])):
-        try:
-            neat["layers"] = block_indices(neat["layers"])
-        except (TypeError, ValueError):
-            parser.error(f"neat_layers={neat['layers']!r} is not allowed: block indices (4 5 6, 4-11, 0,2) or all")
     args.neat = neat
     if args.experiment is not None:
         if args.output is None:
