@@ -8,7 +8,6 @@ and checks the model name and the method's config before anything is built.
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ from neat_vision.engine.model import _baselines, add_method_args, method_choices
 from neat_vision.engine.options import (
     ConfigFileError,
     add_neat_arguments,
+    did_you_mean,
     read_values,
     settle_command_line,
 )
@@ -195,8 +195,7 @@ def _check_model_name(name: str) -> str | None:
     architecture = name.split(".", 1)[0]
     if timm.is_model(architecture):
         return None
-    close = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
+    hint = did_you_mean(architecture, timm.list_models(), cutoff=0.6) or " (timm.list_models() lists them)"
     return f"model={name!r} is not a timm model{hint}"
 
 

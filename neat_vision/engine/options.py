@@ -26,7 +26,6 @@ __all__ = [
     "ConfigFileError",
     "block_indices",
     "did_you_mean",
-    "given_spelling",
     "add_neat_arguments",
     "option_differences",
     "option_keys",
@@ -132,23 +131,21 @@ def read_values(
     path: str | Path,
     parser: argparse.ArgumentParser,
     skip: Iterable[str] = (),
-    extra: Mapping[str, Callable[[Any, Path], Any]] | None = None,
     check: Callable[[str, Any, Path], None] | None = None,
 ) -> dict[str, Any]:
     """The option values (by destination) a config and its ``base:`` chain set, converted and checked.
 
-    ``neat: {FIELD: value}`` becomes the key ``neat_FIELD``. ``extra`` maps further keys that are not options
-    to their converters (keys set only by ``parser.set_defaults`` pass as they are); ``check(dest, value, file)``
-    raises `ConfigFileError` for a value out of range.
+    ``neat: {FIELD: value}`` becomes the key ``neat_FIELD``; keys set only by ``parser.set_defaults`` (not
+    options) pass as they are; ``check(dest, value, file)`` raises `ConfigFileError` for a value out of range.
     """
     keys = option_keys(parser, skip)
-    extra = {**{k: lambda v, _: v for k in parser._defaults if k not in keys}, **(extra or {})}
+    plain = {k for k in parser._defaults if k not in keys}
     merged: dict[str, Any] = {}
     for where, data in read_layers(path):
         spelled: dict[str, str] = {}
         for key, value in _expand_neat(data, where):
-            if key in extra:
-                dest, value = key, extra[key](value, where)
+            if key in plain:
+                dest = key
             elif key in keys:
                 dest = keys[key].dest
                 value = convert(keys[key], key, value, where)
@@ -156,7 +153,7 @@ def read_values(
                     check(dest, value, where)
             else:
                 raise ConfigFileError(
-                    f"{where}: unknown key {key!r}{did_you_mean(key, [*keys, *extra])} "
+                    f"{where}: unknown key {key!r}{did_you_mean(key, [*keys, *plain])} "
                     "(keys are option names with underscores)"
                 )
             if dest in spelled:
@@ -179,16 +176,10 @@ def _expand_neat(data: Mapping[str, Any], where: Path) -> list[tuple[str, Any]]:
     return items
 
 
-def given_spelling(action: argparse.Action, argv: Sequence[str]) -> str | None:
-    """The flag of ``action`` that ``argv`` uses last (``--lr-adapter`` or ``--lr=...``), or ``None``."""
-    found = None
-    for token in argv:
-        if token == "--":
-            break
-        flag = token.split("=", 1)[0]
-        if flag in action.option_strings:
-            found = flag
-    return found
+def _flags_given(argv: Sequence[str]) -> list[str]:
+    """The option strings ``argv`` uses, in order (``--lr=1`` gives ``--lr``), up to a ``--``."""
+    tokens = argv[: list(argv).index("--")] if "--" in argv else argv
+    return [t.split("=", 1)[0] for t in tokens]
 
 
 def settle_command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -196,10 +187,11 @@ def settle_command_line(parser: argparse.ArgumentParser, args: argparse.Namespac
 
     Then ``neat_targets`` is split into names (``q,v`` -> ``q``, ``v``) and ``neat_layers`` read as block indices.
     """
+    given = _flags_given(argv)
     for action in parser._actions:
         if isinstance(action, argparse.BooleanOptionalAction):  # --x --no-x: the last wins, as argparse does
             continue
-        used = sorted({t.split("=", 1)[0] for t in argv} & set(action.option_strings))
+        used = sorted(set(given) & set(action.option_strings))
         if len(used) > 1:
             parser.error(f"{' and '.join(used)} set the same option ({action.dest}): keep one")
     keys = option_keys(parser)
@@ -217,9 +209,9 @@ def settle_command_line(parser: argparse.ArgumentParser, args: argparse.Namespac
         value = yaml.safe_load(text)
         action = keys.get(f"neat_{field}")
         if action is not None:
-            flag = given_spelling(action, argv)
-            if flag is not None:
-                parser.error(f"--neat {field}=... and {flag} set the same option (neat_{field}): keep one")
+            flags = [f for f in given if f in action.option_strings]
+            if flags:
+                parser.error(f"--neat {field}=... and {flags[-1]} set the same option (neat_{field}): keep one")
             try:
                 value = convert(action, f"neat_{field}", value, "--neat")
             except ConfigFileError as err:
