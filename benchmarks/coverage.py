@@ -47,7 +47,9 @@ from torch import Tensor, nn
 
 import neat_vision
 from neat_vision import FourierConfig, LoraConfig, NeatConfig
-from neat_vision.adapter import UnreachedLayerError, adapted_layers, adapter_parameters
+from neat_vision.adapter import adapter_parameters
+from neat_vision.layers import adapted_layers
+from neat_vision.reach import UnreachedLayerError
 from neat_vision.targets import DEFAULT, DEFAULT_ALIASES, KIND_ALIASES, default_targets, matrix_shape, resolve_targets
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import neat_vision  # noqa: F401  registers the packaged tags
-from neat_vision.pretrained import PACKAGED_WEIGHTS, map_in_order
+from neat_vision.integrations.timm_weights import PACKAGED_WEIGHTS, map_in_order
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

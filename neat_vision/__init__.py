@@ -1,42 +1,49 @@
 """neat-vision: NEAT (nonlinear parameter-efficient adaptation) for timm models.
 
-``import neat_vision`` makes ``timm.create_model(name, ..., neat=dict(targets="qkv", rank=7))`` return the
-model with NEAT tweakers injected, the base frozen, tweakers and head trainable.
+``import neat_vision`` imports torch and timm and registers the timm integration
+(`neat_vision.integrations.register_timm` says what it changes): ``timm.create_model(name, ...,
+neat=dict(targets="qkv", rank=7))`` then returns the model with NEAT tweakers injected, the base frozen, tweakers
+and head trainable. The transformers integration registers at ``import neat_vision.nlp``.
 """
 
-from . import models  # noqa: E402,F401  registers the shipped fractal ViT in timm
+from ._moved import install_moved_modules
 from .adapter import (
-    AdapterFileError,
-    AdapterMismatchError,
-    UnreachedLayerError,
-    adapted_layers,
     adapter_parameters,
     apply_adapter,
     apply_neat,
-    check_reached,
     delta_norms,
     disable_adapter,
     disable_neat,
-    fingerprint,
     merge,
     merge_and_unload,
     named_adapter_parameters,
     neat_parameters,
-    read_adapter_config,
-    save_adapter,
     set_path,
     trainable_summary,
     unmerge,
 )
-from .baselines import FourierConfig, LoraConfig, rank_for_budget
-from .config import ConfigError, NeatConfig
+from .adapter_files import AdapterFileError, AdapterMismatchError, fingerprint, read_adapter_config, save_adapter
+from .batching import batch_tweakers
 from .conv import AdaptedConv2d
-from .layers import AdaptedLayer, AdaptedLinear, batch_tweakers
+from .integrations import register_timm
+from .integrations.timm import create_model, load_adapter
+from .layers import AdaptedLayer, AdaptedLinear, adapted_layers
+from .methods import (
+    AdapterConfig,
+    ConfigError,
+    FourierConfig,
+    LoraConfig,
+    NeatConfig,
+    Tweaker,
+    register_method,
+    tweaker_param_count,
+)
+from .methods.budget import rank_for_budget, update_param_count
+from .reach import UnreachedLayerError, check_reached
 from .targets import TargetError, default_targets, resolve_targets
-from .timm_hook import create_model, install, load_adapter
-from .tweaker import Tweaker, tweaker_param_count
 
-install()
+register_timm()
+install_moved_modules()
 
 __version__ = "0.1.0"
 
@@ -44,6 +51,7 @@ __all__ = [
     "AdaptedConv2d",
     "AdaptedLayer",
     "AdaptedLinear",
+    "AdapterConfig",
     "AdapterFileError",
     "AdapterMismatchError",
     "ConfigError",
@@ -65,7 +73,6 @@ __all__ = [
     "disable_adapter",
     "disable_neat",
     "fingerprint",
-    "install",
     "load_adapter",
     "merge",
     "merge_and_unload",
@@ -73,10 +80,12 @@ __all__ = [
     "neat_parameters",
     "rank_for_budget",
     "read_adapter_config",
+    "register_method",
     "resolve_targets",
     "save_adapter",
     "set_path",
     "trainable_summary",
     "tweaker_param_count",
     "unmerge",
+    "update_param_count",
 ]

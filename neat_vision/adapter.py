@@ -1,39 +1,26 @@
-"""Apply, merge and unload updates on a model; save and load adapter files.
+"""Apply, merge, disable and unload updates on a model; what it trains.
 
-An adapter file is a folder with ``adapter.safetensors`` (the trainable tensors: updates and head; and the
-BatchNorm running statistics, which training in train mode changes) and
-``adapter_config.json`` (method and config, what base model it was trained on, and a fingerprint of the
-adapted base weights, so loading onto other weights fails instead of silently producing garbage).
+`apply_adapter` replaces each target ``nn.Linear`` / ``nn.Conv2d`` by its adapted layer (`AdaptedLinear`,
+`AdaptedConv2d`) carrying the method's update modules, freezes the rest and installs the reach check
+(`neat_vision.reach`). Adapter files are `neat_vision.adapter_files`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import json
-import os
 import re
-import secrets
-import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .config import CONFIG_TYPES, ConfigError, NeatConfig
+from .batching import batch_tweakers
 from .conv import AdaptedConv2d
-from .layers import AdaptedLayer, AdaptedLinear, batch_tweakers
+from .layers import AdaptedLayer, AdaptedLinear, adapted_layers
+from .methods import NeatConfig
+from .reach import check_reached
 from .targets import AliasTable, head_names, resolve_targets
-
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-FORMAT = "neat-vision-adapter"
-
-# callables that describe a model's base (library, name, tag, classes); integrations append to this
-BASE_DESCRIBERS: list[Callable[[nn.Module], dict[str, Any] | None]] = []
 
 # callables (model, adapted layers by name) -> [(module name, attribute, value)]: attribute settings that make a
 # model's forward call adapted layers it would otherwise bypass (timm: attentions that read ``qkv.weight``).
@@ -41,101 +28,9 @@ BASE_DESCRIBERS: list[Callable[[nn.Module], dict[str, Any] | None]] = []
 FORWARD_PATCHES: list[Callable[[nn.Module, Mapping[str, AdaptedLayer]], list[tuple[str, str, Any]]]] = []
 
 
-class AdapterMismatchError(RuntimeError):
-    """An adapter file does not fit the model it is loaded onto."""
-
-
-class AdapterFileError(ValueError):
-    """An adapter folder's files are cut, edited or inconsistent (not as `save_adapter` wrote them)."""
-
-
-class UnreachedLayerError(RuntimeError):
-    """An adapted layer is never called by the model's forward, so its update would not train."""
-
-
-def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
-    """The model's adapted layers (`AdaptedLinear`, `AdaptedConv2d`) by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
-
-
 def _adapted(base: nn.Module, slices: tuple[tuple[int, int], ...], config: Any) -> AdaptedLayer:
     cls = AdaptedConv2d if isinstance(base, nn.Conv2d) else AdaptedLinear
     return cls(base, slices, config.make_update, path=config.path)
-
-
-def _note(ran: set[str], name: str, module: nn.Module, args: Any) -> None:
-    ran.add(name)
-
-
-class _ReachCheck:
-    """The one-shot check that every adapted layer runs, at the model's first training forward.
-
-    Before a forward in training mode with gradients on, it hooks every adapted layer to note that it ran;
-    after the forward it removes those hooks and then, when every layer ran, itself. A layer that did not run
-    raises `UnreachedLayerError` naming it (and the check stays: the next training forward fails too). It
-    stands aside under ``torch.compile`` (the compiled forward runs no Python hooks) and removes itself when
-    a submodule is compiled (``module.compile()``), where hooks on the layers would cost a recompilation.
-    """
-
-    def __init__(self) -> None:
-        self.hook_ids: tuple[int, int] | None = None
-        self.ran: set[str] = set()
-        self.handles: list[Any] = []
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"hook_ids": self.hook_ids}  # the per-forward hooks do not outlive a forward
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()
-        self.hook_ids = state["hook_ids"]
-
-    def _release(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def pre(self, model: nn.Module, args: Any) -> None:
-        if not model.training or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return
-        self._release()  # left over from a forward that raised
-        if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
-            check_reached(model, enabled=False)
-            return
-        self.ran = set()
-        for name, layer in adapted_layers(model).items():
-            self.handles.append(layer.register_forward_pre_hook(functools.partial(_note, self.ran, name)))
-
-    def post(self, model: nn.Module, args: Any, output: Any) -> None:
-        if not self.handles:
-            return
-        self._release()
-        layers = adapted_layers(model)
-        missed = [name for name in layers if name not in self.ran]
-        if missed:
-            raise UnreachedLayerError(
-                f"{len(missed)} of {len(layers)} adapted layers never ran in {type(model).__name__}'s training forward "
-                f"(e.g. {', '.join(missed[:4])}): the model reads their weights directly or skips them, so their "
-                "updates would not train. Pick other targets, or, if the forward skips them on purpose, call "
-                "neat_vision.check_reached(model, enabled=False)"
-            )
-        check_reached(model, enabled=False)
-
-
-def check_reached(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Install (idempotent) or remove the one-shot check that every adapted layer runs in training.
-
-    `apply_adapter` installs it: the model's first forward in training mode (gradients on) raises
-    `UnreachedLayerError` naming each adapted layer the forward did not call, then the check removes itself.
-    """
-    for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _ReachCheck)]:
-            del hooks[key]
-    if enabled:
-        check = _ReachCheck()
-        pre = model.register_forward_pre_hook(check.pre)
-        post = model.register_forward_hook(check.post)
-        check.hook_ids = (pre.id, post.id)
-    return model
 
 
 def _drop_missing_update_keys(module: nn.Module, incompatible_keys) -> None:
@@ -315,214 +210,7 @@ def delta_norms(model: nn.Module) -> dict[str, float]:
     return {name: float(layer.delta_weight().norm()) for name, layer in adapted_layers(model).items()}
 
 
-def _sketch_vectors(n: int, seed: int) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(4, n, generator=gen, dtype=torch.float64)
-
-
-@torch.no_grad()
-def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Identity of the adapted base weights: an exact hash, and per layer a norm and bilinear sketches.
-
-    The sketches ``u_j^T W0 v_j`` (fixed Gaussian ``u``, ``v``) change by about ``||W0 - W0'||`` when the
-    weights change, so a cast to another dtype passes a tolerant check while other weights do not.
-    """
-    digest = hashlib.sha256()
-    layers = {}
-    for name, layer in adapted_layers(model).items():
-        w = layer._matrix(layer.base_weight).detach().cpu().contiguous()  # a conv kernel as its matrix
-        digest.update(name.encode())
-        digest.update(str(w.dtype).encode())
-        digest.update(w.view(-1).view(torch.uint8).numpy().tobytes())
-        w64 = w.double()
-        u = _sketch_vectors(w.shape[0], 1)
-        v = _sketch_vectors(w.shape[1], 2)
-        sketch = torch.einsum("jo,oi,ji->j", u, w64, v) / (w.shape[0] * w.shape[1]) ** 0.5
-        layers[name] = {"shape": list(w.shape), "norm": float(w64.norm()), "sketch": sketch.tolist()}
-    return {"sha256": digest.hexdigest(), "layers": layers}
-
-
-def _compare_fingerprints(saved: dict[str, Any], current: dict[str, Any], rtol: float = 1e-2) -> list[str]:
-    problems = []
-    if set(saved["layers"]) != set(current["layers"]):
-        only_saved = sorted(set(saved["layers"]) - set(current["layers"]))
-        only_here = sorted(set(current["layers"]) - set(saved["layers"]))
-        return [f"adapted layers differ: only in file {only_saved[:5]}, only in model {only_here[:5]}"]
-    for name, s in saved["layers"].items():
-        c = current["layers"][name]
-        if s["shape"] != c["shape"]:
-            problems.append(f"{name}: shape {c['shape']} != saved {s['shape']}")
-            continue
-        tol = rtol * max(s["norm"], 1e-12) / (s["shape"][0] * s["shape"][1]) ** 0.5
-        if abs(s["norm"] - c["norm"]) > rtol * s["norm"] or any(
-            abs(a - b) > tol for a, b in zip(s["sketch"], c["sketch"])
-        ):
-            problems.append(f"{name}: norm {c['norm']:.6g} vs saved {s['norm']:.6g}")
-    return problems
-
-
-def describe_base(model: nn.Module) -> dict[str, Any]:
-    """What the integrations know about the base model (e.g. timm name, pretrained tag, classes)."""
-    for describe in BASE_DESCRIBERS:
-        info = describe(model)
-        if info:
-            return info
-    return {"class": type(model).__name__}
-
-
-# temporary files of atomic_write: ".<name>.<8 random characters>.tmp" next to the target
-_TEMPORARY = re.compile(r"^\..+\.[0-9a-z_]{8}\.tmp$")
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_name)`` for a temporary file next to ``path``, then move it onto ``path``.
-
-    The file gets the ordinary mode of new files (``0o666`` less the umask), like files written directly.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            break
-        except FileExistsError:
-            continue
-    mode = os.stat(tmp).st_mode & 0o777  # the umask applied: what a plain open() would have given
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)  # writers that replace the file (safetensors) create it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files an interrupted `atomic_write` left in ``folder``; return them."""
-    if not folder.is_dir():
-        return []
-    stale = [p for p in folder.iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
-    for p in stale:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    return stale
-
-
-def running_stats(model: nn.Module) -> dict[str, Tensor]:
-    """Buffers a training forward updates: the running statistics of normalisation layers (BatchNorm's).
-
-    A frozen CNN's BatchNorm still tracks the batches it sees in training mode, so these belong to what an
-    adapter computes with, next to its trainable tensors.
-    """
-    stats = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            for key, buf in module.named_buffers(recurse=False):
-                stats[f"{name}.{key}" if name else key] = buf
-    return stats
-
-
-def trained_state(model: nn.Module) -> dict[str, Tensor]:
-    """What training changes: every trainable parameter and the running statistics (`running_stats`), by name."""
-    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    state.update(running_stats(model))
-    return state
-
-
-def save_adapter(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    tensors: Mapping[str, torch.Tensor] | None = None,
-    base: tuple[dict[str, Any], dict[str, Any]] | None = None,
-) -> Path:
-    """Write the trained state (`trained_state`) and the adapter config to the folder ``path``; return it.
-
-    A sharded model (FSDP) passes its gathered trainable ``tensors`` and ``base`` = ``(describe_base(model),
-    fingerprint(model))`` taken before it was sharded.
-    """
-    from safetensors.torch import save_file
-
-    config = getattr(model, "neat_config", None)
-    if config is None:
-        raise ValueError("save_adapter: this model has no adapter (apply_neat or create_model(neat=...) first)")
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    if tensors is None:
-        tensors = {n: t.detach() for n, t in trained_state(model).items()}
-    tensors = {n: t.cpu().contiguous() for n, t in tensors.items()}
-    described, base_fingerprint = base if base is not None else (describe_base(model), fingerprint(model))
-    meta = {
-        "format": FORMAT,
-        "version": 1,
-        "method": config.method,
-        "config": config.identity_dict(),
-        "base": described,
-        "fingerprint": base_fingerprint,
-        "tensors": sorted(tensors),
-    }
-    atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    atomic_write(folder / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
-    return folder
-
-
-def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON metadata of an adapter folder (`AdapterFileError` naming the file when it is cut or edited)."""
-    file = Path(path) / ADAPTER_CONFIG
-    if not file.is_file():
-        raise FileNotFoundError(f"no adapter config at {file} (expected a folder written by save_adapter)")
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(
-            f"{file} is not valid JSON ({err}): the file is cut or edited; save the adapter again"
-        ) from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise AdapterMismatchError(f"{file} is not a {FORMAT} file (format={found!r})")
-    fingerprint_ok = isinstance(meta.get("fingerprint"), dict) and {"sha256", "layers"} <= set(meta["fingerprint"])
-    missing = [k for k in ("method", "config") if k not in meta] + ([] if fingerprint_ok else ["fingerprint"])
-    if missing:
-        raise AdapterFileError(f"{file} lacks {', '.join(missing)}: the file is edited; save the adapter again")
-    return meta
-
-
-def config_from_meta(meta: Mapping[str, Any]) -> Any:
-    """The config object recorded in an adapter's metadata."""
-    method = meta["method"]
-    if method not in CONFIG_TYPES:
-        raise AdapterMismatchError(f"adapter method {method!r} is unknown here; known: {', '.join(CONFIG_TYPES)}")
-    return CONFIG_TYPES[method].coerce(meta["config"])
-
-
-def _read_tensors(path: str | os.PathLike, meta: Mapping[str, Any]) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = Path(path) / ADAPTER_WEIGHTS
-    if not file.is_file():
-        raise FileNotFoundError(f"no adapter weights at {file} (expected a folder written by save_adapter)")
-    try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise AdapterFileError(
-            f"{file} cannot be read ({str(err).splitlines()[0][:200]}): the file is cut or is not a safetensors "
-            "file; save the adapter again"
-        ) from err
-    listed = meta.get("tensors")
-    if listed is not None and sorted(tensors) != sorted(listed):
-        raise AdapterFileError(
-            f"{file} holds other tensors than {Path(path) / ADAPTER_CONFIG} lists (the two files come from "
-            "different saves); save the adapter again"
-        )
-    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise AdapterFileError(f"{file}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]}); this adapter is broken")
-    return tensors
-
-
-def _undo_apply(model: nn.Module) -> Callable[[], None]:
+def undo_apply(model: nn.Module) -> Callable[[], None]:
     """A function that returns a plain ``model`` to the state it has now, after `apply_adapter` (even a partial one)."""
     modules = dict(model.named_modules())
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -548,76 +236,3 @@ def _undo_apply(model: nn.Module) -> Callable[[], None]:
             del model._load_state_dict_post_hooks[key]
 
     return undo
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True, **apply_kwargs) -> nn.Module:
-    """Load an adapter folder into ``model`` (adapting it first if it is a plain model); return it.
-
-    Raises `AdapterMismatchError` when the model's adapted base weights are not those the adapter was
-    trained on (pass ``check_base=False`` to skip the check), or when the tensors do not fit, and
-    `AdapterFileError` (or ``FileNotFoundError``) naming the file when the folder's files are cut or missing.
-    On any failure the model is left exactly as it was given.
-    """
-    meta = read_adapter_config(path)
-    try:
-        config = config_from_meta(meta)
-    except ConfigError as err:
-        raise AdapterFileError(f"{Path(path) / ADAPTER_CONFIG}: {err}") from err
-    tensors = _read_tensors(path, meta)
-    undo = None
-    if not adapted_layers(model):
-        undo = _undo_apply(model)
-    elif getattr(model, "neat_config", None) != config:
-        raise AdapterMismatchError(
-            f"the model is adapted with {getattr(model, 'neat_config', None)}, the file with {config}"
-        )
-    try:
-        if undo is not None:
-            apply_adapter(model, config, **apply_kwargs)
-        _check_fits(model, path, meta, tensors, check_base)
-    except BaseException:
-        if undo is not None:
-            undo()
-        raise
-    params = dict(model.named_parameters())
-    stats = running_stats(model)
-    merged = [layer for layer in adapted_layers(model).values() if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if name in params:
-                params[name].copy_(t)
-                params[name].requires_grad_(True)
-            else:
-                stats[name].copy_(t)
-    for layer in merged:
-        layer.merge()
-    return model
-
-
-def _check_fits(
-    model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any], tensors: Mapping[str, Tensor], check_base: bool
-) -> None:
-    """Raise `AdapterMismatchError` unless ``tensors`` fit ``model`` (and its base weights are the adapter's)."""
-    if check_base:
-        current = fingerprint(model)
-        if current["sha256"] != meta["fingerprint"]["sha256"]:
-            problems = _compare_fingerprints(meta["fingerprint"], current)
-            if problems:
-                raise AdapterMismatchError(
-                    f"adapter {path} was trained on other base weights ({meta.get('base')}); "
-                    f"{len(problems)} adapted layer(s) differ, e.g. {'; '.join(problems[:3])}. "
-                    "Load the same pretrained weights, or pass check_base=False to force."
-                )
-            warnings.warn(
-                "adapted base weights match the adapter's only up to precision (another dtype?)", stacklevel=3
-            )
-    params = dict(model.named_parameters())
-    stats = running_stats(model)
-    for name, t in tensors.items():
-        target = params.get(name, stats.get(name))
-        if target is None:
-            raise AdapterMismatchError(f"adapter tensor {name} has no parameter or running statistic in this model")
-        if target.shape != t.shape:
-            raise AdapterMismatchError(f"adapter tensor {name}: shape {tuple(t.shape)} != {tuple(target.shape)}")

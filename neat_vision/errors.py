@@ -16,7 +16,8 @@ from typing import NoReturn
 
 import torch
 
-from .adapter import AdapterMismatchError, UnreachedLayerError
+from .adapter_files import AdapterMismatchError
+from .reach import UnreachedLayerError
 
 __all__ = [
     "EXIT_DIVERGED",

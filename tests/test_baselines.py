@@ -25,14 +25,12 @@ from neat_vision import (
     trainable_summary,
     unmerge,
 )
-from neat_vision.baselines import (
-    METHODS,
-    add_method_args,
-    fourier_indices,
-    method_config,
-    prepare_model,
-    update_param_count,
-)
+from neat_vision.engine.method_options import add_method_arguments, method_config
+from neat_vision.engine.model import build_adapter
+from neat_vision.engine.options import settle_command_line
+from neat_vision.methods import method_names
+from neat_vision.methods.budget import update_param_count
+from neat_vision.methods.fourierft import fourier_indices
 
 VIT = dict(pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=5)
 MERGE_TOL = dict(rtol=1e-4, atol=1e-4)
@@ -134,10 +132,10 @@ def test_analytic_count_matches_model(config):
     assert update_param_count(build(), config) == trainable_summary(model)["neat"] > 0
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_every_method_trains(method):
-    config = {"neat": NeatConfig(rank=2), "lora": LoraConfig(rank=2), "fourierft": FourierConfig(n=30)}.get(method)
-    model = prepare_model(build(), method, config)
+    options = {"neat": "--neat-rank 2", "lora": "--lora-rank 2", "fourierft": "--fourier-n 30"}.get(method, "")
+    model = build_adapter(build(), engine_args(f"--method {method} {options}".split()))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if method == "linear":
         assert trainable == {"head.weight", "head.bias"}
@@ -151,13 +149,9 @@ def test_every_method_trains(method):
         assert nn.functional.cross_entropy(model(x), target) < loss0
 
 
-def test_prepare_model_refuses_mismatched_config():
-    with pytest.raises(ConfigError, match="needs its config"):
-        prepare_model(build(), "lora", FourierConfig(n=3))
-    with pytest.raises(ConfigError, match="takes no adapter config"):
-        prepare_model(build(), "linear", LoraConfig())
+def test_an_unknown_method_is_refused_naming_the_methods():
     with pytest.raises(ConfigError, match="one of neat, lora, fourierft, linear, full"):
-        prepare_model(build(), "bitfit")
+        method_config(argparse.Namespace(method="bitfit"))
 
 
 # ---- the layer protocol: paths and dropout ---------------------------------------------------------
@@ -349,20 +343,13 @@ def test_budget_caps_fourier_n_and_refuses_other_methods():
 # ---- the training engine's side: options and configs ---------------------------------------------
 
 
-def engine_parser():
-    """The options the engine owns (a stand-in with its argparse dest names), plus ours."""
+def engine_args(argv):
+    """The options every runner parses for its method (defaults: the configs' own, as train.py)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", default="neat", choices=METHODS)
-    parser.add_argument("--neat-targets", nargs="+", default=["q", "v"])
-    parser.add_argument("--neat-rank", type=int, default=7)
-    parser.add_argument("--neat-depth", type=int, default=2)
-    parser.add_argument("--neat-act", default="relu")
-    parser.add_argument("--neat-scale", type=float, default=1.0)
-    parser.add_argument("--neat-axis", default="out")
-    parser.add_argument("--neat-layers", default=None)
-    parser.add_argument("--neat-path", default="factored")
-    add_method_args(parser)
-    return parser
+    add_method_arguments(parser, config_defaults=True)
+    args = parser.parse_args(argv)
+    settle_command_line(parser, args, argv)
+    return args
 
 
 @pytest.mark.parametrize(
@@ -378,16 +365,16 @@ def engine_parser():
     ],
 )
 def test_method_config_from_options(argv, expected):
-    assert method_config(engine_parser().parse_args(argv.split() if argv else []), build()) == expected
+    assert method_config(engine_args(argv.split() if argv else []), build()) == expected
 
 
 def test_method_config_solves_budget(capsys):
-    args = engine_parser().parse_args(["--method", "neat", "--neat-targets", "q", "v", "mlp", "--param-budget", "7000"])
+    args = engine_args(["--method", "neat", "--neat-targets", "q", "v", "mlp", "--param-budget", "7000"])
     config = method_config(args, build())
     value, count = rank_for_budget(build(), "neat", 7000, targets=["q", "v", "mlp"])
     assert config == NeatConfig(targets=["q", "v", "mlp"], rank=value)
     assert f"param budget 7000: neat_rank={value} gives {count} update parameters" in capsys.readouterr().out
-    args = engine_parser().parse_args(["--method", "full", "--param-budget", "7000"])
+    args = engine_args(["--method", "full", "--param-budget", "7000"])
     with pytest.raises(ConfigError, match="param_budget=7000 is not allowed with method='full'"):
         method_config(args, build())
 
@@ -397,11 +384,15 @@ def test_method_config_solves_budget(capsys):
     [
         ("--method lora --lora-dropout 1.5", r"lora_dropout=1.5 is not allowed: a probability in \[0, 1\)"),
         ("--method fourierft --fourier-n 0", r"fourier_n=0 is not allowed: an integer >= 1"),
-        ("--method fourierft --neat-layers 0 --neat-path sparse", r"neat_path='sparse' is not allowed"),
+        ("--method fourierft --neat-layers 0 --neat-train-head-is-yaml-only", r"neat_train_head=1 is not allowed"),
         ("--neat-depth 3", r"neat_depth=3 is not allowed: an even integer >= 2"),
     ],
 )
 def test_method_config_errors_name_the_options(argv, match):
-    args = engine_parser().parse_args(argv.split())
+    argv = argv.split()
+    yaml_only = "--neat-train-head-is-yaml-only" in argv  # neat_train_head: a YAML key (or --neat train_head=...)
+    args = engine_args([a for a in argv if a != "--neat-train-head-is-yaml-only"])
+    if yaml_only:
+        args.neat_train_head = 1
     with pytest.raises(ConfigError, match=match):
         method_config(args, build())

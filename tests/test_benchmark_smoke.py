@@ -17,7 +17,8 @@ import torch
 
 import neat_vision
 from neat_vision import adapted_layers, merge_and_unload, neat_parameters
-from neat_vision.layers import _FactoredLinear, _FusedLinear, batch_tweakers
+from neat_vision.batching import batch_tweakers
+from neat_vision.layers import _FactoredLinear, _FusedLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neat_vision import compare
-from neat_vision.pretrained import PACKAGED_WEIGHTS
+from neat_vision.integrations.timm_weights import PACKAGED_WEIGHTS
+from neat_vision.studies import compare
 
 REPO = Path(__file__).resolve().parents[1]
 

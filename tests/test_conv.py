@@ -30,7 +30,7 @@ from neat_vision import (
     tweaker_param_count,
     unmerge,
 )
-from neat_vision.adapter import AdapterMismatchError
+from neat_vision.adapter_files import AdapterMismatchError
 from neat_vision.targets import default_targets
 
 MERGE_TOL = dict(rtol=1e-4, atol=1e-4)
@@ -322,7 +322,7 @@ def test_conv_param_counts_budget_and_summary():
         fields.setdefault("targets", "pw")
         value, count = rank_for_budget(_effnet, method, 3000, **fields)
         key = "n" if method == "fourierft" else "rank"
-        config = neat_vision.baselines.make_config(method, **fields, **{key: value})
+        config = neat_vision.methods.make_config(method, **fields, **{key: value})
         assert trainable_summary(neat_vision.apply_adapter(_effnet(), config))["adapter"] == count
 
 

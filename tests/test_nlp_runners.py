@@ -16,9 +16,9 @@ from safetensors.torch import load_file  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
-from neat_vision.config import NeatConfig  # noqa: E402
+from neat_vision.integrations.transformers import load_tokenizer
+from neat_vision.methods import NeatConfig
 from neat_vision.nlp import glue, instruct, load_adapter  # noqa: E402
-from neat_vision.nlp.apply import load_tokenizer  # noqa: E402
 from neat_vision.nlp.cli import parse_args  # noqa: E402
 from neat_vision.nlp.glue_data import TASKS, load_glue  # noqa: E402
 from neat_vision.nlp.loop import CHECKPOINT  # noqa: E402

@@ -14,7 +14,6 @@ pytest.importorskip("transformers")
 
 from neat_vision import NeatConfig  # noqa: E402
 from neat_vision.engine import parse_args as train_parse  # noqa: E402
-from neat_vision.engine.model import neat_config  # noqa: E402
 from neat_vision.nlp import glue, instruct  # noqa: E402
 from neat_vision.nlp.cli import parse_args as nlp_parse  # noqa: E402
 from neat_vision.nlp.cli import run_config  # noqa: E402
@@ -33,7 +32,7 @@ def _settings(runner: str, args) -> dict:
     """What the shared names set, read back from each runner's namespace."""
     if runner == "train":
         return dict(
-            neat=neat_config(args),
+            neat=args.method_config,
             lr=args.lr_neat,
             clip=args.clip_grad,
             every=args.checkpoint_interval,

@@ -17,7 +17,14 @@ from safetensors.torch import load_file
 
 import neat_vision
 from neat_vision import LoraConfig, NeatConfig
-from neat_vision.peft_convert import PEFT_CONFIG, PEFT_WEIGHTS, PeftConversionError, main, neat_to_peft, peft_to_neat
+from neat_vision.integrations.peft import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    PeftConversionError,
+    main,
+    neat_to_peft,
+    peft_to_neat,
+)
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")

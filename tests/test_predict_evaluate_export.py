@@ -19,12 +19,12 @@ import torch
 import neat_vision
 from neat_vision.data import build_transforms, read_rgb
 from neat_vision.engine import parse_args, run
-from neat_vision.evaluate import evaluate_adapter
-from neat_vision.evaluate import main as evaluate_main
-from neat_vision.export import export_adapter
-from neat_vision.export import main as export_main
-from neat_vision.predict import main as predict_main
-from neat_vision.trained import open_adapter
+from neat_vision.tools.evaluate import evaluate_adapter
+from neat_vision.tools.evaluate import main as evaluate_main
+from neat_vision.tools.export import export_adapter
+from neat_vision.tools.export import main as export_main
+from neat_vision.tools.predict import main as predict_main
+from neat_vision.tools.trained import open_adapter
 from tests.data_fixtures import write_corrupt, write_image
 
 CLASSES = ["circle", "cross", "dots", "lines", "square", "wave"]

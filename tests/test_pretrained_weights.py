@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import neat_vision  # noqa: F401  registers the tags
-from neat_vision.pretrained import PACKAGED_WEIGHTS, WeightsNotInstalledError, map_in_order
+from neat_vision.integrations.timm_weights import PACKAGED_WEIGHTS, WeightsNotInstalledError, map_in_order
 
 skimage_data = pytest.importorskip("skimage.data")
 

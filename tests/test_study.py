@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neat_vision.study import StudyError, load_study, main, run_study, write_point_config
+from neat_vision.studies.study import StudyError, load_study, main, run_study, write_point_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -350,7 +350,7 @@ def test_submitit_options_are_checked_before_anything_runs(tmp_path, capsys):
 
 def test_compare_takes_the_executor_too(tmp_path, capsys):
     pytest.importorskip("submitit")
-    from neat_vision import compare
+    from neat_vision.studies import compare
 
     study = yaml.safe_load(write_study(tmp_path).read_text())
     methods = dict(neat=dict(method="neat", neat_depth=2, neat_act="relu", lr=[0.001, 0.002]))

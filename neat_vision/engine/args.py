@@ -17,16 +17,10 @@ from typing import Any
 import timm
 import yaml
 
-from neat_vision.config import ACTIVATIONS, AXES, PATHS, ConfigError
-from neat_vision.engine.model import _baselines, add_method_args, method_choices, neat_config
-from neat_vision.engine.options import (
-    ConfigFileError,
-    add_neat_arguments,
-    did_you_mean,
-    read_values,
-    settle_command_line,
-)
+from neat_vision.engine.method_options import add_method_arguments, method_config
+from neat_vision.engine.options import ConfigFileError, did_you_mean, read_values, settle_command_line
 from neat_vision.errors import OneLineParser, device_problem_of
+from neat_vision.methods import WHOLE_MODEL_METHODS, ConfigError
 
 __all__ = ["ConfigFileError", "build_parser", "load_config", "parse_args", "resolved_config"]
 
@@ -62,13 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default=None, help="YAML file whose keys (dest names) set the defaults")
     bool_flag = argparse.BooleanOptionalAction
 
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="neat", choices=method_choices(), help="what to train")
-    add_neat_arguments(
-        g,
-        defaults=dict(targets=["q", "v"], rank=7, depth=2, act="relu", scale=1.0, axis="out", path="factored"),
-        choices=dict(act=ACTIVATIONS, axis=AXES, path=PATHS),
-    )
+    add_method_arguments(p, config_defaults=True)
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16_224.orig_in21k", help="timm model name[.tag]")
@@ -137,7 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=20, help="optimizer steps between log lines")
     g.add_argument("--tb", action=bool_flag, default=True, help="write TensorBoard logs")
     g.add_argument("--dry-run", action=bool_flag, default=False, help="build everything, print the plan, exit")
-    add_method_args(p)
     return p
 
 
@@ -200,14 +187,15 @@ def _check_model_name(name: str) -> str | None:
 
 
 def _check_method(args: argparse.Namespace) -> str | None:
-    """Build the method's adapter config now, so a bad ``neat_*`` / ``lora_*`` / ``fourier_*`` value fails here."""
-    module = _baselines()
+    """Build the method's config now and carry it (``args.method_config``), so a bad option fails before anything
+    is built. A parameter budget's config needs the model: `neat_vision.engine.model.build_adapter` solves it then
+    (the other fields are checked here)."""
+    args.method_config = None
     try:
-        if module is None:
-            if args.method == "neat":
-                neat_config(args)
-        elif getattr(args, "param_budget", None) is None:  # a budget's config needs the model: built in run()
-            module.method_config(args)
+        if args.param_budget is None or args.method in WHOLE_MODEL_METHODS:
+            args.method_config = method_config(args)
+        else:
+            method_config(argparse.Namespace(**{**vars(args), "param_budget": None}))
     except ConfigError as err:
         return str(err)
     return None
@@ -247,5 +235,5 @@ def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
 
     One-shot controls (``resume``, ``stop_after_steps``, ``dry_run``) are left out, so the file reruns the run.
     """
-    skip = _NOT_IN_YAML | {"resume", "stop_after_steps", "dry_run"}
+    skip = _NOT_IN_YAML | {"resume", "stop_after_steps", "dry_run", "method_config"}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k not in skip}

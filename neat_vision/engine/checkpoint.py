@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from neat_vision.adapter import atomic_write, trained_state
+from neat_vision.adapter_files import trained_state
+from neat_vision.atomic import atomic_write
 from neat_vision.engine.options import option_differences
 from neat_vision.errors import ResumeError, one_line
 
@@ -128,7 +129,7 @@ def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
 
 def check_resumable(saved: dict[str, Any], args: argparse.Namespace) -> None:
     """Fail naming every option (outside ``RUN_CONTROL_OPTIONS``) whose value differs from the checkpoint's."""
-    diffs = option_differences(saved, vars(args), ignore=RUN_CONTROL_OPTIONS | {"config"})
+    diffs = option_differences(saved, vars(args), ignore=RUN_CONTROL_OPTIONS | {"config", "method_config"})
     if diffs:
         raise CheckpointMismatchError(
             "cannot resume: options differ from the checkpoint's (resume with the run's args.yaml as --config): "

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from neat_vision.adapter import atomic_write
+from neat_vision.atomic import atomic_write
 from neat_vision.engine.checkpoint import CHECKPOINT_TENSORS, rng_state, save_checkpoint, set_rng_state
 from neat_vision.engine.distributed import DistEnv, all_gather_object, all_reduce_sum
 from neat_vision.engine.progress import Progress as ProgressBar

@@ -1,9 +1,7 @@
 """Build the timm model and make its trainable set for a method; check adapted layers; export the result.
 
-Methods plug in at one place, ``build_adapter``: ``neat`` (tweakers + head), ``linear`` (head only), ``full``
-(everything), and the methods of ``neat_vision.baselines`` (an optional module, imported when present): it
-registers their config classes in ``neat_vision.config.CONFIG_TYPES``, its ``add_method_args(parser)`` adds
-their options and its ``method_config(args, model)`` returns the config that ``apply_adapter`` applies.
+``build_adapter`` applies the method config that `neat_vision.engine.method_options.method_config` built from
+the options (any registered method), or sets up ``linear`` (head only) / ``full`` (everything).
 """
 
 from __future__ import annotations
@@ -12,71 +10,27 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 import timm
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from neat_vision.adapter import UnreachedLayerError, adapted_layers, apply_adapter, disable_adapter, save_adapter
-from neat_vision.config import CONFIG_TYPES, ConfigError, NeatConfig
-from neat_vision.layers import batch_tweakers
+from neat_vision.adapter import apply_adapter, disable_adapter
+from neat_vision.adapter_files import save_adapter
+from neat_vision.batching import batch_tweakers
+from neat_vision.engine.method_options import method_config
+from neat_vision.layers import adapted_layers
+from neat_vision.reach import UnreachedLayerError
 
 __all__ = [
-    "BUILTIN_METHODS",
     "UnreachedLayerError",
-    "add_method_args",
     "build_adapter",
     "build_model",
     "check_layers_reached",
     "export_trained",
-    "method_choices",
-    "neat_config",
     "record_label_names",
 ]
-
-BUILTIN_METHODS = ("neat", "linear", "full")
-
-
-def _baselines() -> ModuleType | None:
-    try:
-        from neat_vision import baselines
-    except ModuleNotFoundError as err:
-        if err.name != "neat_vision.baselines":
-            raise
-        return None
-    return baselines
-
-
-def method_choices() -> list[str]:
-    """Built-in methods, then those registered by ``neat_vision.baselines`` (when present)."""
-    _baselines()
-    return [*BUILTIN_METHODS, *(m for m in CONFIG_TYPES if m not in BUILTIN_METHODS)]
-
-
-def add_method_args(parser: argparse.ArgumentParser) -> None:
-    """Let ``neat_vision.baselines`` (when present) add its methods' options."""
-    module = _baselines()
-    if module is not None:
-        module.add_method_args(parser)
-
-
-def neat_config(args: argparse.Namespace) -> NeatConfig:
-    """The ``NeatConfig`` of the ``neat_*`` options (errors name the option)."""
-    try:
-        return NeatConfig(
-            targets=args.neat_targets,
-            rank=args.neat_rank,
-            depth=args.neat_depth,
-            act=args.neat_act,
-            scale=args.neat_scale,
-            axis=args.neat_axis,
-            layers=args.neat_layers,
-            path=args.neat_path,
-        )
-    except ConfigError as err:
-        raise ConfigError(str(err).replace("NeatConfig.", "neat_")) from err
 
 
 def build_model(args: argparse.Namespace, num_classes: int, *, meta: bool = False) -> nn.Module:
@@ -110,18 +64,14 @@ def zero_head(model: nn.Module) -> None:
 
 
 def build_adapter(model: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """Make ``model``'s trainable set for ``args.method`` in place and return it (methods plug in here).
+    """Make ``model``'s trainable set for ``args.method`` in place and return it.
 
-    With ``neat_vision.baselines`` present, its ``method_config(args, model)`` gives the adapter config of
-    every method (``None`` for ``linear`` and ``full``); without it, NEAT's comes from ``neat_config``.
+    The method's config is the one `parse_args` built (``args.method_config``); with ``--param-budget`` it is
+    solved on ``model`` here. ``linear`` trains the classifier, ``full`` everything.
     """
-    module = _baselines()
-    if module is not None:
-        config = module.method_config(args, model)
-    elif args.method in BUILTIN_METHODS:
-        config = neat_config(args) if args.method == "neat" else None
-    else:
-        raise ValueError(f"method={args.method!r} is not allowed: one of {', '.join(method_choices())}")
+    config = getattr(args, "method_config", None)
+    if config is None:  # a parameter budget (solved on the model), or options that did not come from parse_args
+        config = method_config(args, model)
     if config is not None:
         # train.py runs the model eagerly, under DDP or compiled: the batched tweaker pass is correct in
         # each (it stands aside under compile, checkpointing and sharding); library users opt in themselves

@@ -22,11 +22,9 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "NEAT_FIELDS",
     "ConfigFileError",
     "block_indices",
     "did_you_mean",
-    "add_neat_arguments",
     "option_differences",
     "option_keys",
     "read_layers",
@@ -35,8 +33,6 @@ __all__ = [
     "split_names",
 ]
 
-# the NeatConfig fields that have their own ``--neat-FIELD`` option in every runner
-NEAT_FIELDS = ("targets", "rank", "depth", "act", "scale", "axis", "layers", "path")
 _KINDS = {"int": "an integer", "float": "a number", "_mapping": "a mapping", "_probability": "a probability"}
 
 
@@ -225,34 +221,6 @@ def settle_command_line(parser: argparse.ArgumentParser, args: argparse.Namespac
             args.neat_layers = block_indices(args.neat_layers)
         except (TypeError, ValueError):
             parser.error(f"neat_layers={args.neat_layers!r} is not allowed: block indices (4 5 6, 4-11, 0,2) or all")
-
-
-def add_neat_arguments(group: Any, defaults: Mapping[str, Any], choices: Mapping[str, Sequence[str]]) -> None:
-    """``--neat-FIELD`` for each of `NEAT_FIELDS` (``defaults[FIELD]`` or ``None``) and ``--neat FIELD=VALUE``."""
-    helps = {
-        "targets": "aliases (q k v qkv proj fc1 fc2 mlp; per family) or regexes",
-        "rank": "tweaker width r",
-        "depth": "tweaker depth (even; 2 = vanilla NEAT)",
-        "act": "tweaker activation",
-        "scale": "update scaling s",
-        "axis": "side of W0 the tweaker reads",
-        "layers": "block indices to adapt (4 5 6, 4-11), or all",
-        "path": "training forward path",
-    }
-    types = {"rank": int, "depth": int, "scale": float}
-    for field in NEAT_FIELDS:
-        group.add_argument(
-            f"--neat-{field}",
-            nargs="+" if field in ("targets", "layers") else None,
-            type=types.get(field),
-            choices=choices.get(field),
-            default=defaults.get(field),
-            help=helps[field],
-        )
-    group.add_argument(
-        "--neat", dest="neat_overrides", action="append", default=[], metavar="FIELD=VALUE",
-        help="a NeatConfig field, the value read as YAML (--neat rank=4 is --neat-rank 4)",
-    )  # fmt: skip
 
 
 def option_differences(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:

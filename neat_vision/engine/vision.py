@@ -34,7 +34,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
-from neat_vision.adapter import delta_norms, remove_stale_temporaries, trainable_summary
+from neat_vision.adapter import delta_norms, trainable_summary
+from neat_vision.atomic import remove_stale_temporaries
 from neat_vision.engine.args import resolved_config
 from neat_vision.engine.checkpoint import (
     atomic_write,

@@ -10,10 +10,11 @@ try:
 except ImportError as err:
     raise ImportError('neat_vision.nlp needs transformers: pip install -e ".[nlp]"') from err
 
-from .apply import apply_adapter, apply_neat, describe_transformers, from_pretrained, install, load_adapter
-from .presets import MODEL_TYPES, PRESETS, preset_aliases
+from ..integrations import register_transformers
+from ..integrations.transformers import apply_adapter, apply_neat, describe_transformers, from_pretrained, load_adapter
+from ..integrations.transformers_presets import MODEL_TYPES, PRESETS, preset_aliases
 
-install()
+register_transformers()
 
 __all__ = [
     "MODEL_TYPES",
@@ -22,7 +23,6 @@ __all__ = [
     "apply_neat",
     "describe_transformers",
     "from_pretrained",
-    "install",
     "load_adapter",
     "preset_aliases",
 ]

@@ -11,23 +11,17 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import ACTIVATIONS, AXES, PATHS, ConfigError, NeatConfig
 from ..engine.distributed import DistEnv, setup_distributed
-from ..engine.options import (
-    NEAT_FIELDS,
-    ConfigFileError,
-    add_neat_arguments,
-    read_values,
-    settle_command_line,
-)
+from ..engine.method_options import add_method_arguments
+from ..engine.options import ConfigFileError, read_values, settle_command_line
 from ..engine.progress import log_to_stdout
 from ..errors import USER_ERRORS, OneLineParser, device_problem_of, exit_status, one_line
+from ..methods import ConfigError, NeatConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -93,7 +87,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", nargs="?", const="auto", type=_resume, help="continue the run in --output from checkpoint.pt"
     )
-    add_neat_arguments(parser, defaults={}, choices=dict(act=ACTIVATIONS, axis=AXES, path=PATHS))
+    add_method_arguments(parser, config_defaults=False, methods=["neat"])
     parser.add_argument("--lr", "--lr-adapter", "--lr-neat", type=float, help="learning rate of the tweakers")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, help="examples per optimizer step (all processes together)")
@@ -110,8 +104,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-steps", "--checkpoint-interval", type=int, default=500,
         help="also checkpoint every N steps (0: off)",
     )  # fmt: skip
-    # the NeatConfig fields without a flag of their own: set in YAML (neat: {train_head: false}) or with --neat
-    parser.set_defaults(**{f"neat_{f.name}": None for f in fields(NeatConfig) if f.name not in NEAT_FIELDS})
 
 
 def parse_args(

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from ..adapter import trainable_summary
-from ..config import NeatConfig
 from ..engine.distributed import DistEnv, all_gather_object, setup_distributed
 from ..errors import OneLineParser
-from .apply import apply_neat, load_tokenizer
+from ..integrations.transformers import apply_neat, load_tokenizer
+from ..methods import NeatConfig
 from .cli import (
     DTYPES,
     add_common_arguments,

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from ..adapter import merge_and_unload, trainable_summary
-from ..config import NeatConfig
 from ..engine.distributed import DistEnv, all_gather_object, all_reduce_sum, setup_distributed
 from ..errors import OneLineParser
+from ..integrations.transformers import apply_neat, load_adapter, load_tokenizer
+from ..methods import NeatConfig
 from .answers import get_evaluator, reference_answer
-from .apply import apply_neat, load_adapter, load_tokenizer
 from .cli import (
     DTYPES,
     add_common_arguments,

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from ..adapter import describe_base, fingerprint, neat_parameters, remove_stale_temporaries, save_adapter
+from ..adapter import neat_parameters
+from ..adapter_files import describe_base, fingerprint, save_adapter
+from ..atomic import remove_stale_temporaries
 from ..engine.distributed import DistEnv
 from ..engine.loop import Diverged, EpochEnd, LoopSettings, Progress, ResumeError, TrainLoop
 from ..engine.options import option_differences

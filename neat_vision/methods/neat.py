@@ -1,4 +1,5 @@
-"""The NEAT tweaker: a tiny network that reads a frozen weight ``W0`` and outputs its update ``dW``.
+"""NEAT: the tweaker (a tiny network that reads a frozen weight ``W0`` and outputs its update ``dW``), its config
+and its registration.
 
 Conventions (PyTorch layout, ``W0`` is ``(d_out, d_in)``). With ``axis="out"`` (the authors' code and
 peft) the tweaker reads the columns of ``W0``::
@@ -19,10 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .base import AdapterConfig, is_int, is_number
+from .registry import register_method
 
 
 def _sin2pi(x: Tensor) -> Tensor:
@@ -52,6 +58,9 @@ def resolve_axis(axis: str, out_features: int, in_features: int) -> str:
     if axis == "auto":
         return "in" if in_features < out_features else "out"
     return axis
+
+
+AXES = ("out", "in", "auto")
 
 
 def tweaker_param_count(out_features: int, in_features: int, rank: int, depth: int, axis: str) -> int:
@@ -138,3 +147,53 @@ class Tweaker(nn.Module):
             f"out={self.out_features}, in={self.in_features}, rank={self.rank}, depth={self.depth}, "
             f"act={self.act}, scale={self.scale}, axis={self.axis}"
         )
+
+
+@register_method
+@dataclass(kw_only=True)
+class NeatConfig(AdapterConfig):
+    """Configuration of NEAT tweakers.
+
+    Args:
+        rank: hidden width ``r`` of each tweaker.
+        depth: total number of tweaker layers, even, ``2`` = vanilla NEAT (``A`` then ``B``); each extra
+            pair adds one ``r x r`` encoder and one decoder with a mirrored residual.
+        act: activation ``G``: one of ``relu``, ``sin`` (``sin(2*pi*x)``), ``gelu``, ``silu``, ``tanh``,
+            ``identity``.
+        scale: scaling ``s`` of the update.
+        axis: which side of ``W0`` the tweaker reads: ``out`` (authors' code and peft; width ``d_out``),
+            ``in`` (the paper's equations; width ``d_in``), or ``auto`` (the cheaper side per layer).
+        targets, layers, train_head, trainable, path: shared by every method (`AdapterConfig`).
+    """
+
+    rank: int = field(default=7, metadata={"help": "tweaker width r"})
+    depth: int = field(default=2, metadata={"help": "tweaker depth (even; 2 = vanilla NEAT)"})
+    act: str = field(default="relu", metadata={"help": "tweaker activation", "choices": tuple(ACTIVATIONS)})
+    scale: float = field(default=1.0, metadata={"help": "update scaling s"})
+    axis: str = field(default="out", metadata={"help": "side of W0 the tweaker reads", "choices": AXES})
+
+    method: ClassVar[str] = "neat"
+    option_prefix: ClassVar[str] = "neat"
+    budget_field: ClassVar[str] = "rank"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not is_int(self.rank) or self.rank < 1:
+            self.fail("rank", self.rank, "an integer >= 1")
+        if not is_int(self.depth) or self.depth < 2 or self.depth % 2:
+            self.fail("depth", self.depth, "an even integer >= 2 (2 = vanilla NEAT: 2, 4, 6, ...)")
+        if self.act not in ACTIVATIONS:
+            self.fail("act", self.act, f"one of {', '.join(ACTIVATIONS)}")
+        if not is_number(self.scale):
+            self.fail("scale", self.scale, "a finite number")
+        self.scale = float(self.scale)
+        if self.axis not in AXES:
+            self.fail("axis", self.axis, f"one of {', '.join(AXES)}")
+
+    def make_update(self, out_features: int, in_features: int) -> Tweaker:
+        """The update module for one ``(out_features, in_features)`` weight block: a `Tweaker`."""
+        return Tweaker(out_features, in_features, self.rank, self.depth, self.act, self.scale, self.axis)
+
+    def param_count(self, out_features: int, in_features: int) -> int:
+        """Trainable parameters of one block's tweaker: ``2 * r * width + (depth - 2) * r * r``."""
+        return tweaker_param_count(out_features, in_features, self.rank, self.depth, self.axis)

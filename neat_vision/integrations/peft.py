@@ -32,8 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import ADAPTER_WEIGHTS, adapted_layers, apply_adapter, read_adapter_config, save_adapter
-from .config import NeatConfig
+from ..adapter import apply_adapter
+from ..adapter_files import ADAPTER_WEIGHTS, read_adapter_config, save_adapter
+from ..layers import adapted_layers
+from ..methods import NeatConfig
 
 __all__ = [
     "PEFT_CONFIG",
@@ -302,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         return value
 
     p = argparse.ArgumentParser(
-        prog="python -m neat_vision.peft_convert", description="Convert adapters between peft PEANuT and neat-vision."
+        prog="neat-convert",
+        description="Convert adapters between peft PEANuT and neat-vision.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     to = sub.add_parser("to-peft", help="neat-vision adapter folder -> peft PEANuT adapter folder (files only)")

@@ -34,11 +34,11 @@ from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdCon
 from timm.layers.padding import pad_same
 from torch import Tensor, nn
 
-from . import adapter as _adapter
-from .config import NeatConfig
-from .conv import CONV_FORMS, ConvForm
-from .layers import AdaptedLayer
-from .pretrained import packaged_weights_for, register
+from .. import adapter, adapter_files
+from ..conv import CONV_FORMS, ConvForm
+from ..layers import AdaptedLayer
+from ..methods import NeatConfig
+from .timm_weights import packaged_weights_for
 
 
 def _wrap_entrypoint(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -53,7 +53,7 @@ def _wrap_entrypoint(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         else:
             model = fn(*args, **kwargs)
         if neat is not None:
-            _adapter.apply_neat(model, neat)
+            adapter.apply_neat(model, neat)
         return model
 
     entrypoint.__neat_wrapped__ = fn
@@ -119,14 +119,13 @@ TIMM_CONV_FORMS = {
 
 
 def install() -> None:
-    """Make every ``create_model`` binding accept ``neat=`` and register timm's specifics (idempotent)."""
-    register()
+    """Make every ``create_model`` binding accept ``neat=`` and register timm's specifics with the core (idempotent)."""
     if not isinstance(timm_registry._model_entrypoints, _EntrypointRegistry):
         timm_registry._model_entrypoints = _EntrypointRegistry(timm_registry._model_entrypoints)
-    if _describe_timm not in _adapter.BASE_DESCRIBERS:
-        _adapter.BASE_DESCRIBERS.append(_describe_timm)
-    if _separate_qkv_bias not in _adapter.FORWARD_PATCHES:
-        _adapter.FORWARD_PATCHES.append(_separate_qkv_bias)
+    if _describe_timm not in adapter_files.BASE_DESCRIBERS:
+        adapter_files.BASE_DESCRIBERS.append(_describe_timm)
+    if _separate_qkv_bias not in adapter.FORWARD_PATCHES:
+        adapter.FORWARD_PATCHES.append(_separate_qkv_bias)
     CONV_FORMS.update(TIMM_CONV_FORMS)
 
 
@@ -152,7 +151,6 @@ def _describe_timm(model: nn.Module) -> dict[str, Any] | None:
 
 def create_model(model_name: str, *, neat: NeatConfig | dict | None = None, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with NEAT: the explicit spelling of ``timm.create_model(..., neat=...)``."""
-    install()
     return timm.create_model(model_name, neat=neat, **kwargs)
 
 
@@ -172,8 +170,8 @@ def load_adapter(
     (a cut file, other weights, an unknown or unreachable model) leaves a given model exactly as it was.
     """
     if isinstance(model_or_name, nn.Module):
-        return _adapter.load_adapter(model_or_name, path, check_base=check_base)
-    meta = _adapter.read_adapter_config(path)
+        return adapter_files.load_adapter(model_or_name, path, check_base=check_base)
+    meta = adapter_files.read_adapter_config(path)
     base = meta.get("base") or {}
     name = model_or_name
     if name is None:
@@ -195,4 +193,4 @@ def load_adapter(
             f"cannot build {name} for adapter {path} (pretrained={pretrained}): {first[:300]}; pass the model "
             "(load_adapter(model, path)), or pretrained_cfg_overlay=dict(file=...) for local weights"
         ) from err
-    return _adapter.load_adapter(model, path, check_base=check_base)
+    return adapter_files.load_adapter(model, path, check_base=check_base)

@@ -1,6 +1,6 @@
 """Sensitivity studies: a grid of normal training runs, resumable, on this machine or as Slurm jobs.
 
-``python -m neat_vision.study --config configs/studies/depth.yaml``. A study file holds:
+``python -m neat_vision.studies.study --config configs/studies/depth.yaml``. A study file holds:
 
 - ``base_config``: the training config every run starts from, a path relative to the study file; it may
   name the point's options in braces (``../sin/{dataset}.yaml``) and may itself be a grid axis;
@@ -11,7 +11,7 @@
   time through ``CUDA_VISIBLE_DEVICES``; default: one run after another), ``train_command`` (default: this
   repository's ``train.py`` with the current Python);
 - ``executor``: ``local`` (default: this process starts the runs), ``slurm`` (one submitit job array on a
-  Slurm cluster, see `neat_vision.cluster`) or ``submitit-local`` (the same jobs through submitit's local
+  Slurm cluster, see `neat_vision.studies.slurm`) or ``submitit-local`` (the same jobs through submitit's local
   executor, to try a cluster study on this machine); ``slurm``: the jobs' resources (``SLURM_KEYS``).
 
 Each run gets ``<output>/points/<name>.yaml`` (``base:`` plus its options) and trains with
@@ -59,7 +59,7 @@ def _whole(low: int) -> Callable[[Any], bool]:
     return lambda v: type(v) is int and v >= low
 
 
-# slurm: key -> (check, what is allowed); submitit applies them to every job (see neat_vision.cluster)
+# slurm: key -> (check, what is allowed); submitit applies them to every job (see neat_vision.studies.slurm)
 SLURM_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "timeout_min": (_whole(1), "the time limit of one run in minutes, an integer >= 1 (required off local)"),
     "partition": (lambda v: isinstance(v, str) and bool(v), "a Slurm partition name"),
@@ -353,7 +353,7 @@ def _metric_text(result: Mapping[str, Any]) -> str:
 
 
 class Progress:
-    """Outcome lines with an ETA, shared by the local runner and the submitit jobs (`neat_vision.cluster`)."""
+    """Outcome lines with an ETA, shared by the local runner and the submitit jobs (`neat_vision.studies.slurm`)."""
 
     def __init__(self, study: Study, total: int, slots: int) -> None:
         self.study = study
@@ -619,7 +619,7 @@ def _runner(study: Study, pending: list[Point]) -> Any:
     if study.executor == "local":
         return _Runner(study, pending)
     try:
-        from neat_vision import cluster
+        from neat_vision.studies import slurm as cluster
     except ModuleNotFoundError as err:
         raise StudyError(
             f"study executor={study.executor!r} needs submitit ({err}): pip install 'neat-vision[cluster]'"
@@ -658,7 +658,8 @@ def run_study(study: Study, *, dry_run: bool = False) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m neat_vision.study", description="Run a grid of training runs and tabulate/plot the results."
+        prog="neat-study",
+        description="Run a grid of training runs and tabulate/plot the results.",
     )
     parser.add_argument("-c", "--config", required=True, help="study YAML (see configs/studies/)")
     parser.add_argument("--output", default=None, help="study folder (overrides the file's output)")

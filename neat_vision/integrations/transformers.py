@@ -22,9 +22,10 @@ import transformers
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .. import adapter as core
-from ..config import NeatConfig
-from .presets import preset_aliases
+from .. import adapter, adapter_files
+from ..layers import adapted_layers
+from ..methods import NeatConfig
+from .transformers_presets import preset_aliases
 
 
 def apply_neat(
@@ -54,14 +55,14 @@ def apply_adapter(
     ``save_model``) writes what `from_pretrained` needs to rebuild it; `merge_and_unload` removes the record.
     """
     head = None if head is None else list(head)
-    core.apply_adapter(model, config, aliases=preset_aliases(model, preset), head=head)
+    adapter.apply_adapter(model, config, aliases=preset_aliases(model, preset), head=head)
     _record_adapter(model, config, preset, head)
     return model
 
 
 def _record_adapter(model: PreTrainedModel, config: Any, preset: str | None, head: list[str] | None) -> None:
     model.config.neat_adapter = {
-        "format": core.FORMAT,
+        "format": adapter_files.FORMAT,
         "method": config.method,
         "config": config.identity_dict(),
         "preset": preset,
@@ -83,8 +84,8 @@ def from_pretrained(
     """
     config = transformers.AutoConfig.from_pretrained(path)
     record = getattr(config, "neat_adapter", None)
-    if not isinstance(record, Mapping) or record.get("format") != core.FORMAT:
-        raise core.AdapterMismatchError(
+    if not isinstance(record, Mapping) or record.get("format") != adapter_files.FORMAT:
+        raise adapter_files.AdapterMismatchError(
             f"{path} holds no neat-vision adapter (its config.json has no neat_adapter record); "
             "load it with its class's from_pretrained"
         )
@@ -95,13 +96,13 @@ def from_pretrained(
         model = model_class.from_pretrained(path, **from_pretrained_kwargs)
     finally:
         _restoring.active = False
-    adapter_config = core.config_from_meta(record)
+    adapter_config = adapter_files.config_from_meta(record)
     apply_adapter(model, adapter_config, record.get("preset"), head=record.get("head"))
     saved = _update_tensors(path)
-    params = dict(core.named_adapter_parameters(model))
+    params = dict(adapter.named_adapter_parameters(model))
     if set(saved) != set(params):
         only_file, only_model = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
-        raise core.AdapterMismatchError(
+        raise adapter_files.AdapterMismatchError(
             f"{path}: the saved update tensors do not fit the rebuilt adapter "
             f"(only in the files: {only_file[:3]}, only in the model: {only_model[:3]})"
         )
@@ -133,7 +134,7 @@ def _update_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _warn_dropped_updates(model: PreTrainedModel, path: Any) -> None:
     record = getattr(model.config, "neat_adapter", None)
-    if isinstance(record, Mapping) and not core.adapted_layers(model) and not getattr(_restoring, "active", False):
+    if isinstance(record, Mapping) and not adapted_layers(model) and not getattr(_restoring, "active", False):
         warnings.warn(
             f"{path} was saved with a neat-vision {record.get('method')} adapter, which "
             f"{type(model).__name__}.from_pretrained does not load: this is the base model. Reload it with "
@@ -161,7 +162,7 @@ def load_adapter(
     if isinstance(model_or_name, nn.Module):
         model = model_or_name
     else:
-        base = core.read_adapter_config(path).get("base", {})
+        base = adapter_files.read_adapter_config(path).get("base", {})
         if base.get("library") != "transformers":
             raise ValueError(f"adapter {path} was not trained on a transformers model (base: {base}); pass the model")
         name = model_or_name or base.get("model_name")
@@ -170,7 +171,7 @@ def load_adapter(
         model_class = getattr(transformers, base["model_class"])
         kwargs = {"num_labels": base["num_labels"], **from_pretrained_kwargs}
         model = model_class.from_pretrained(name, **kwargs)
-    core.load_adapter(model, path, check_base=check_base, aliases=preset_aliases(model, preset))
+    adapter_files.load_adapter(model, path, check_base=check_base, aliases=preset_aliases(model, preset))
     if not hasattr(model.config, "neat_adapter"):
         _record_adapter(model, model.neat_config, preset, None)
     return model
@@ -201,8 +202,8 @@ def describe_transformers(model: nn.Module) -> dict[str, Any] | None:
 def install() -> None:
     """Register `describe_transformers` with the core's adapter files, and make a plain ``from_pretrained``
     of a saved adapted model warn that it drops the updates (idempotent)."""
-    if describe_transformers not in core.BASE_DESCRIBERS:
-        core.BASE_DESCRIBERS.append(describe_transformers)
+    if describe_transformers not in adapter_files.BASE_DESCRIBERS:
+        adapter_files.BASE_DESCRIBERS.append(describe_transformers)
     original = PreTrainedModel.from_pretrained.__func__
     if getattr(original, "_neat_vision", False):
         return

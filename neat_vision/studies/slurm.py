@@ -1,6 +1,6 @@
 """A study's runs as submitit jobs: one Slurm job array, or the same jobs through submitit's local executor.
 
-`neat_vision.study` builds every point's ``train.py ... --resume auto`` command and reads its ``final.json``;
+`neat_vision.studies.study` builds every point's ``train.py ... --resume auto`` command and reads its ``final.json``;
 this module only hands those commands to submitit (``executor: slurm`` -> ``SlurmExecutor``,
 ``executor: submitit-local`` -> ``LocalExecutor``: the same path, another executor class), waits with
 progress lines, and says which runs failed. A job that reaches its time limit or is preempted is requeued
@@ -21,7 +21,7 @@ from pathlib import Path
 import cloudpickle
 import submitit
 
-from neat_vision.study import Point, Progress, Study, StudyError, log_path, point_command
+from neat_vision.studies.study import Point, Progress, Study, StudyError, log_path, point_command
 
 CLUSTERS = {"slurm": "slurm", "submitit-local": "local"}  # study executor -> submitit's cluster name
 # slurm keys that are submitit parameters: study key -> update_parameters name

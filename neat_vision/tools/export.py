@@ -1,4 +1,4 @@
-"""Export a trained adapter as the plain merged model: ``python -m neat_vision.export --adapter DIR --output OUT``.
+"""Export a trained adapter as the plain merged model: ``neat-export --adapter DIR --output OUT``.
 
 timm bases: ``OUT/model.safetensors`` + ``OUT/config.json`` in the layout of a timm Hugging Face hub repository,
 written by timm's own ``save_for_hf`` (``architecture``, ``num_classes``, ``label_names``, ``model_args``, and a
@@ -21,12 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from neat_vision.adapter import AdapterMismatchError, merge_and_unload
-from neat_vision.trained import DATA_CONFIG_OPTIONS, Trained, add_train_options, open_adapter
+from neat_vision.adapter import merge_and_unload
+from neat_vision.adapter_files import AdapterMismatchError
+from neat_vision.tools.trained import DATA_CONFIG_OPTIONS, Trained, add_train_options, open_adapter
 
 __all__ = ["export_adapter", "export_timm", "export_transformers", "main"]
 
-logger = logging.getLogger("neat_vision.export")
+logger = logging.getLogger("neat_vision.tools.export")
 
 # the data config keys that the exported pretrained_cfg carries (what timm's scripts read to preprocess)
 PRETRAINED_CFG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -87,7 +88,7 @@ def export_adapter(
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (the data-config ones are ``train.py``'s and default to the run's)."""
     p = argparse.ArgumentParser(
-        prog="python -m neat_vision.export",
+        prog="python -m neat_vision.tools.export",
         description="Write the merged plain model of a trained adapter (timm hub layout, or save_pretrained).",
     )
     p.add_argument("--adapter", required=True, help="adapter folder (runs/<exp>/adapter)")

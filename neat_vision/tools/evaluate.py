@@ -1,4 +1,4 @@
-"""Evaluate a trained adapter on a dataset split: ``python -m neat_vision.evaluate --adapter DIR --split test``.
+"""Evaluate a trained adapter on a dataset split: ``python -m neat_vision.tools.evaluate --adapter DIR --split test``.
 
 Top-1/top-5 and the loss come from the training engine's own ``evaluate`` (same loader, transform and counting
 as ``train.py``, so a run's test split gives its ``final.json`` numbers); per-class accuracy and the confusion
@@ -23,11 +23,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from neat_vision.adapter import AdapterMismatchError, merge_and_unload, read_adapter_config
+from neat_vision.adapter import merge_and_unload
+from neat_vision.adapter_files import AdapterMismatchError, read_adapter_config
 from neat_vision.data import SPLITS, build_dataset, build_loader, build_transforms
 from neat_vision.engine.distributed import DistEnv
 from neat_vision.engine.metrics import evaluate
-from neat_vision.trained import (
+from neat_vision.tools.trained import (
     add_train_options,
     autocast_for,
     open_adapter,
@@ -38,7 +39,7 @@ from neat_vision.trained import (
 
 __all__ = ["confusion_matrix", "evaluate_adapter", "main", "per_class_accuracy", "plot_confusion"]
 
-logger = logging.getLogger("neat_vision.evaluate")
+logger = logging.getLogger("neat_vision.tools.evaluate")
 
 # train.py options evaluate accepts too (defaults: the run's args.yaml, then train.py's)
 SHARED = (
@@ -229,7 +230,7 @@ def evaluate_adapter(
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (``train.py``'s shared ones keep their names, types and help)."""
     p = argparse.ArgumentParser(
-        prog="python -m neat_vision.evaluate",
+        prog="python -m neat_vision.tools.evaluate",
         description="Top-1/top-5, per-class accuracy and a confusion matrix of a trained adapter on a split.",
     )
     p.add_argument("--adapter", required=True, help="adapter folder (runs/<exp>/adapter)")

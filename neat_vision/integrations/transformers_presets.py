@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ConfigError
+from ..methods import ConfigError
 from ..targets import AliasTable
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neat_vision.adapter import read_adapter_config
+from neat_vision.adapter_files import read_adapter_config
 from neat_vision.engine.args import build_parser, load_config
 from neat_vision.engine.data import data_config
 
@@ -124,7 +124,7 @@ def open_adapter(
     base = meta.get("base", {})
     library = base.get("library")
     if library == "timm":
-        from neat_vision.timm_hook import load_adapter
+        from neat_vision.integrations.timm import load_adapter
 
         weights = pretrained_file or options.get("pretrained_file")
         kwargs = {}

@@ -1,7 +1,7 @@
 """Method comparison at a matched adapter budget, with the learning rate chosen on validation, never on test.
 
-``python -m neat_vision.compare --config configs/offline_compare/digits.yaml [--gpus 0 0 0 0]``. A compare
-file is a study file (see `neat_vision.study`) whose grid is written per method::
+``python -m neat_vision.studies.compare --config configs/offline_compare/digits.yaml [--gpus 0 0 0 0]``. A compare
+file is a study file (see `neat_vision.studies.study`) whose grid is written per method::
 
     base_config: ../demo.yaml
     overrides: {epochs: 12, param_budget: 18432}
@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from neat_vision.study import Study, StudyError, load_study, report, run_study
+from neat_vision.studies.study import Study, StudyError, load_study, report, run_study
 
 LR_OPTIONS = {"full": ("lr_backbone", "lr_head"), "linear": ("lr_head",)}
 DEFAULT_LR_OPTIONS = ("lr_neat", "lr_head")
@@ -283,11 +283,13 @@ def run_compare(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m neat_vision.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m neat_vision.studies.compare", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", nargs="+", required=True, help="compare YAML file(s)")
     parser.add_argument("--gpus", type=int, nargs="+", default=None, help="device ids (repeat one for parallel runs)")
     parser.add_argument("--output", default=None, help="folder of the combined report")
-    parser.add_argument("--executor", default=None, help="local, slurm or submitit-local (see neat_vision.study)")
+    parser.add_argument(
+        "--executor", default=None, help="local, slurm or submitit-local (see neat_vision.studies)"
+    )
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     args = parser.parse_args(argv)
     try:

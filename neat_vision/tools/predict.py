@@ -1,4 +1,4 @@
-"""Classify images with a trained adapter: ``python -m neat_vision.predict --adapter DIR --output preds.csv IMAGES``.
+"""Classify images with a trained adapter: ``neat-predict --adapter DIR --output preds.csv IMAGES``.
 
 Inputs are image files, folders (searched recursively for image files) and file lists (any other file: one
 path per line, relative paths taken from the list's folder, blank lines and ``#`` comments skipped). Each image
@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from neat_vision.adapter import AdapterMismatchError, merge_and_unload, read_adapter_config
+from neat_vision.adapter import merge_and_unload
+from neat_vision.adapter_files import AdapterMismatchError, read_adapter_config
 from neat_vision.data import CorruptImageError, build_transforms, read_rgb
-from neat_vision.trained import (
+from neat_vision.tools.trained import (
     add_train_options,
     autocast_for,
     open_adapter,
@@ -38,7 +39,7 @@ from neat_vision.trained import (
 
 __all__ = ["Prediction", "collect_images", "main", "predict"]
 
-logger = logging.getLogger("neat_vision.predict")
+logger = logging.getLogger("neat_vision.tools.predict")
 
 # train.py options predict accepts too (defaults: the run's args.yaml, then train.py's)
 SHARED = ("img_size", "crop_pct", "interpolation", "mean", "std", "batch_size", "workers", "amp", "device")
@@ -186,7 +187,7 @@ def predict(
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (``train.py``'s shared ones keep their names, types and help)."""
     p = argparse.ArgumentParser(
-        prog="python -m neat_vision.predict",
+        prog="python -m neat_vision.tools.predict",
         description="Top-k classes per image with a trained adapter (one CSV row per image).",
     )
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or file lists (one path per line)")
