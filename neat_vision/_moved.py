@@ -44,10 +44,12 @@ class _MovedLoader(importlib.abc.Loader):
 
     def create_module(self, spec: Any) -> ModuleType:
         _warn(spec.name)
-        return importlib.import_module(MOVED[spec.name])
+        module = importlib.import_module(MOVED[spec.name])
+        self.spec = module.__spec__
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        pass
+        module.__spec__ = self.spec  # the import system set the alias's spec on the module: put its own back
 
     def get_code(self, fullname: str) -> Any:
         _warn(fullname)
@@ -59,7 +61,8 @@ class _MovedFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname not in MOVED:
             return None
-        return importlib.util.spec_from_loader(fullname, _MovedLoader())
+        origin = importlib.util.find_spec(MOVED[fullname]).origin  # python -m sets sys.argv[0] to it
+        return importlib.util.spec_from_loader(fullname, _MovedLoader(), origin=origin)
 
 
 def install_moved_modules() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -112,7 +113,14 @@ def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
         yield p
 
 
-neat_parameters = named_adapter_parameters  # the name before other methods shared the machinery
+def neat_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Deprecated name of `named_adapter_parameters` (from before other methods shared the machinery)."""
+    warnings.warn(
+        "neat_parameters is deprecated: use named_adapter_parameters (the update tensors of any method)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return named_adapter_parameters(model)
 
 
 def trainable_summary(model: nn.Module) -> dict[str, Any]:

@@ -13,7 +13,35 @@ import torch
 from torch import Tensor, nn
 
 from .layers import AdaptedLinear, _no_autocast, _to
-from .methods.neat import ACTIVATIONS
+from .methods.neat import ACTIVATIONS, Tweaker
+
+
+def _is_local_full(weight: Tensor, shape: tuple[int, int]) -> bool:
+    """Whether ``weight`` is a plain local tensor of its full shape (not a DTensor, shard or ZeRO-3 stub)."""
+    return type(weight) in (nn.Parameter, Tensor) and tuple(weight.shape) == shape and not hasattr(weight, "ds_id")
+
+
+def _batch_key(layer: AdaptedLinear) -> tuple | None:
+    """What must agree for layers to share one batched tweaker pass (``None``: not batchable)."""
+    if layer.merged or layer.disabled or layer.path == "dense" or not layer.updates:
+        return None
+    if not _is_local_full(layer.weight, (layer.out_features, layer.in_features)):
+        return None  # sharded (FSDP, DeepSpeed ZeRO-3): only the layer's own forward sees the gathered W0
+    first = layer.updates[0]
+    if not all(type(u) is Tweaker for u in layer.updates):
+        return None
+    sizes = {stop - start for start, stop in layer.slices}
+    if len(sizes) != 1:
+        return None
+    device = layer.weight.device
+    if layer.path == "fused" or not torch.is_autocast_enabled(device.type):
+        dtype = first.A.dtype
+    else:
+        dtype = torch.get_autocast_dtype(device.type)
+    return (
+        layer.path, device, first.A.dtype, dtype, layer.slices, layer.in_features, layer.out_features,
+        first.rank, first.depth, first.act, first.scale, first.axis,
+    )  # fmt: skip
 
 
 def _batched_factors(layers: Sequence[AdaptedLinear], key: tuple) -> tuple[Tensor, Tensor]:
@@ -130,7 +158,7 @@ class TweakerBatcher:
             return
         groups: dict[tuple, list[AdaptedLinear]] = {}
         for layer in layers:
-            key = layer._batch_key()
+            key = _batch_key(layer)
             if key is not None:
                 groups.setdefault(key, []).append(layer)
         for key, members in groups.items():

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .methods.neat import Tweaker
-
 Slice = tuple[int, int]
 
 
@@ -44,11 +42,6 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _is_local_full(weight: Tensor, shape: tuple[int, int]) -> bool:
-    """Whether ``weight`` is a plain local tensor of its full shape (not a DTensor, shard or ZeRO-3 stub)."""
-    return type(weight) in (nn.Parameter, Tensor) and tuple(weight.shape) == shape and not hasattr(weight, "ds_id")
 
 
 def _bias_grad(g2: Tensor, bias: Tensor | None, needed: bool) -> Tensor | None:
@@ -330,28 +323,6 @@ class AdaptedLinear(AdaptedLayer):
             [(x if d is None else d(x)).to(dtype) @ r.to(dtype).t() for d, r in zip(dropouts, factors[1::2])], dim=-1
         )
         return F.linear(x, self.weight, self.bias).to(dtype) + x_right @ left.to(dtype).t()
-
-    def _batch_key(self) -> tuple | None:
-        """What must agree for layers to share one batched tweaker pass (``None``: not batchable)."""
-        if self.merged or self.disabled or self.path == "dense" or not self.updates:
-            return None
-        if not _is_local_full(self.weight, (self.out_features, self.in_features)):
-            return None  # sharded (FSDP, DeepSpeed ZeRO-3): only the layer's own forward sees the gathered W0
-        first = self.updates[0]
-        if not all(type(u) is Tweaker for u in self.updates):
-            return None
-        sizes = {stop - start for start, stop in self.slices}
-        if len(sizes) != 1:
-            return None
-        device = self.weight.device
-        if self.path == "fused" or not torch.is_autocast_enabled(device.type):
-            dtype = first.A.dtype
-        else:
-            dtype = torch.get_autocast_dtype(device.type)
-        return (
-            self.path, device, first.A.dtype, dtype, self.slices, self.in_features, self.out_features,
-            first.rank, first.depth, first.act, first.scale, first.axis,
-        )  # fmt: skip
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the adapted function (``W0 + dW``, same bias)."""

@@ -1,6 +1,6 @@
 """The speed benchmark's CPU smoke mode (so the script cannot rot), and the fast paths it measures.
 
-The batched tweaker pass (`neat_vision.layers.batch_tweakers`) and the hand-written backward of the
+The batched tweaker pass (`neat_vision.batching.batch_tweakers`) and the hand-written backward of the
 factored and fused layers must compute the same function and gradients as the per-layer reference.
 """
 
@@ -16,7 +16,7 @@ import timm
 import torch
 
 import neat_vision
-from neat_vision import adapted_layers, merge_and_unload, neat_parameters
+from neat_vision import adapted_layers, merge_and_unload, named_adapter_parameters
 from neat_vision.batching import batch_tweakers
 from neat_vision.layers import _FactoredLinear, _FusedLinear
 
@@ -74,7 +74,7 @@ def _model(cfg):
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=5, neat=cfg
     )
     with torch.no_grad():
-        for _, p in neat_parameters(model):
+        for _, p in named_adapter_parameters(model):
             p.normal_(std=0.3)
     return model
 
@@ -84,7 +84,7 @@ def _run(model, x, autocast=False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = model(x)
     (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    return y.detach().float(), [p.grad.clone() for _, p in neat_parameters(model)]
+    return y.detach().float(), [p.grad.clone() for _, p in named_adapter_parameters(model)]
 
 
 @pytest.mark.parametrize(
@@ -112,10 +112,10 @@ def test_batched_tweakers_match_per_layer(cfg):
 
 
 def test_batched_pass_used_once_per_forward(monkeypatch):
-    from neat_vision import layers
+    from neat_vision import batching, layers
 
     calls = {"batched": 0, "own": 0}
-    orig_batched, orig_factors = layers._batched_factors, layers.AdaptedLinear._factors
+    orig_batched, orig_factors = batching._batched_factors, layers.AdaptedLinear._factors
 
     def batched(*a):
         calls["batched"] += 1
@@ -125,7 +125,7 @@ def test_batched_pass_used_once_per_forward(monkeypatch):
         calls["own"] += 1
         return orig_factors(*a)
 
-    monkeypatch.setattr(layers, "_batched_factors", batched)
+    monkeypatch.setattr(batching, "_batched_factors", batched)
     monkeypatch.setattr(layers.AdaptedLinear, "_factors", own)
     model = batch_tweakers(_model(dict(targets=["q", "v"], depth=4)))
     model(torch.randn(2, 3, 32, 32)).sum().backward()

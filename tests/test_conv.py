@@ -22,7 +22,7 @@ from neat_vision import (
     load_adapter,
     merge,
     merge_and_unload,
-    neat_parameters,
+    named_adapter_parameters,
     rank_for_budget,
     resolve_targets,
     save_adapter,
@@ -362,7 +362,7 @@ def test_conv_autocast_bf16_and_compile(path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model.train()(x).float().logsumexp(-1).sum()
     loss.backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in neat_parameters(model))
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in named_adapter_parameters(model))
     if path == "factored":
         model.eval()
         with torch.no_grad():
@@ -401,7 +401,7 @@ def test_qkv_bias_families_train_q_and_v(key):
         assert torch.equal(model(x), base(x)), "outputs at init"
     feats = model.train().forward_head(model.forward_features(x), pre_logits=True)
     (feats * torch.randn(feats.shape)).sum().backward()
-    assert all(p.grad.abs().sum() > 0 for n, p in neat_parameters(model) if n.endswith(".B"))
+    assert all(p.grad.abs().sum() > 0 for n, p in named_adapter_parameters(model) if n.endswith(".B"))
     plain = merge_and_unload(model.eval())
     assert not any(m.qkv_bias_separate for m in plain.modules() if hasattr(m, "qkv_bias_separate"))
 

@@ -23,7 +23,7 @@ from neat_vision import (
     load_adapter,
     merge,
     merge_and_unload,
-    neat_parameters,
+    named_adapter_parameters,
     save_adapter,
     trainable_summary,
     unmerge,
@@ -96,7 +96,7 @@ def test_gradients_reach_only_trainable_set(case):
     key, cfg = case
     model = build(key, neat=cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {n for n, _ in neat_parameters(model)}
+    expected = {n for n, _ in named_adapter_parameters(model)}
     head = model.get_classifier()
     expected |= {n for n, p in model.named_parameters() if any(p is q for q in head.parameters())}
     assert trainable == expected
@@ -262,7 +262,7 @@ def test_q_v_slices_leave_k_rows_and_bias_untouched():
 def test_vit_base_qv_rank7_has_paper_count():
     model = timm.create_model("vit_base_patch16_224", pretrained=False, neat=dict(targets=["q", "v"], rank=7))
     assert trainable_summary(model)["neat"] == 258_048
-    assert sum(p.numel() for _, p in neat_parameters(model)) == 12 * 2 * (2 * 7 * 768)
+    assert sum(p.numel() for _, p in named_adapter_parameters(model)) == 12 * 2 * (2 * 7 * 768)
 
 
 @pytest.mark.parametrize(
@@ -344,13 +344,13 @@ def test_autocast_bf16(base_dtype, path):
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(base_dtype)
-    assert all(p.dtype == torch.float32 for _, p in neat_parameters(model))
+    assert all(p.dtype == torch.float32 for _, p in named_adapter_parameters(model))
     x = images("vit")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(x).float().logsumexp(-1).sum()
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in neat_parameters(model))
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in named_adapter_parameters(model))
 
 
 def test_torch_compile_runs():
@@ -461,10 +461,10 @@ def test_grad_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         model = build("vit", neat=dict(targets=["q", "v"], rank=3, depth=4))
-        for _, p in neat_parameters(model):
+        for _, p in named_adapter_parameters(model):
             torch.nn.init.normal_(p, std=0.1)
         model.set_grad_checkpointing(checkpointing)
         model(images("vit")).square().sum().backward()
-        grads.append([p.grad.clone() for _, p in neat_parameters(model)])
+        grads.append([p.grad.clone() for _, p in named_adapter_parameters(model)])
     for with_ckpt, without in zip(grads[1], grads[0]):
         torch.testing.assert_close(with_ckpt, without, rtol=1e-5, atol=1e-6)
