@@ -75,8 +75,8 @@ import timm  # noqa: E402
 
 import neat_vision  # noqa: E402
 from neat_vision import NeatConfig, apply_adapter, apply_neat, merge_and_unload  # noqa: E402
-from neat_vision.batching import batch_tweakers
-from neat_vision.layers import AdaptedLinear, _compute_dtype
+from neat_vision.batching import batch_tweakers  # noqa: E402
+from neat_vision.layers import AdaptedLinear, _compute_dtype  # noqa: E402
 
 try:
     import peft

@@ -8,11 +8,11 @@ slots=${1:-12}
 out=${2:-}
 gpus=$(for _ in $(seq "$slots"); do printf '0 '; done)
 start=$(date +%s)
-python3 -m neat_vision.compare --config configs/offline_compare/digits.yaml configs/offline_compare/mnist5k.yaml \
+python3 -m neat_vision.studies.compare --config configs/offline_compare/digits.yaml configs/offline_compare/mnist5k.yaml \
   --gpus $gpus --output runs/compare
 echo "[evidence] compare done after $(( $(date +%s) - start )) s"
 for study in demo_depth demo_activation; do
-  python3 -m neat_vision.study --config configs/studies/$study.yaml --gpus $gpus
+  python3 -m neat_vision.studies.study --config configs/studies/$study.yaml --gpus $gpus
 done
 echo "[evidence] studies done after $(( $(date +%s) - start )) s"
 if [ -n "$out" ]; then

@@ -1,6 +1,6 @@
 """The error types of the training runners and how the command-line tools report them.
 
-Exit status of ``train.py``, ``python -m neat_vision.nlp.glue`` and ``python -m neat_vision.nlp.instruct``:
+Exit status of ``neat-train`` (``train.py``), ``neat-glue`` and ``neat-instruct``:
 ``0`` done; ``2`` (`EXIT_USAGE`) a mistake in an option, a config or a file, or a checkpoint that cannot be
 resumed (`ResumeError`; one ``error: ...`` line naming it); ``3`` (`EXIT_DIVERGED`) the run diverged
 (`Diverged`: non-finite loss, gradients or weights; the last good checkpoint is kept); ``1`` anything else

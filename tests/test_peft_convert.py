@@ -108,7 +108,7 @@ def test_peft_to_neat_to_peft_keeps_outputs_and_tensors(case: str, tmp_path: Pat
     peft_layers = [k for k in load_file(tmp_path / "peft" / PEFT_WEIGHTS) if ".peanut_A." in k]
     assert len(neat_vision.adapted_layers(ours)) == len(peft_layers)
     torch.testing.assert_close(outputs(ours, inputs), expected, **TOL)
-    reloaded = neat_vision.adapter.load_adapter(build(), tmp_path / "ours")  # the written folder is a valid adapter
+    reloaded = neat_vision.load_adapter(build(), tmp_path / "ours")  # the written folder is a valid adapter
     torch.testing.assert_close(outputs(reloaded, inputs), expected, **TOL)
 
     neat_to_peft(tmp_path / "ours", tmp_path / "peft2")

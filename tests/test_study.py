@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neat_vision.studies.study import StudyError, load_study, main, run_study, write_point_config
+from neat_vision.studies import study as study_module
+from neat_vision.studies.runs import PARAMETERS, SLURM_SET, default_command
+from neat_vision.studies.study import StudyError, load_study, main, run_study, slots, write_point_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-# honours train.py's study interface: --config (with base: chains), --output, --experiment, --resume auto
+# honours neat-train's study interface: --config (with base: chains), --output, --experiment, --resume auto
 FAKE_TRAIN = textwrap.dedent(
     """
     import argparse, json, os, sys, time
@@ -36,7 +38,7 @@ FAKE_TRAIN = textwrap.dedent(
     cfg = read(Path(args.config))
     run = Path(args.output) / args.experiment
     with open(Path(args.output) / "invocations.txt", "a") as f:
-        f.write(f"{args.experiment} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}\\n")
+        f.write(f"{args.experiment} {os.environ.get('CUDA_VISIBLE_DEVICES', '-') or 'none'}\\n")
     if (run / "final.json").exists():
         sys.exit(0)
     run.mkdir(parents=True, exist_ok=True)
@@ -121,13 +123,41 @@ def test_study_end_to_end_resumes_and_skips(tmp_path, monkeypatch, capsys):
     assert "| 2 | relu | 2 | 200 |" in capsys.readouterr().out and (out_dir / "results.md").is_file()
 
 
-def test_runs_spread_over_gpus(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "visible, devices, where, describe",
+    [
+        (["0", "1"], {"0", "1"}, "on GPU 0", "to run on GPUs 0, 1 ->"),
+        (["2", "3"], {"2", "3"}, "on GPU 0 (CUDA_VISIBLE_DEVICES=2)", "to run on GPUs 0, 1 ->"),  # the study's mask
+        ([], {"none"}, "in slot 0 (CPU)", "to run in 2 CPU slot(s) (GPU id(s) 0, 1: no CUDA GPU) ->"),
+        (["0"], {"0", "none"}, "in slot 1 (CPU)", "on GPUs 0 and in 1 CPU slot(s) (GPU id(s) 1: this process sees"),
+    ],
+    ids=["gpus", "masked", "no-cuda", "fewer-gpus"],
+)
+def test_runs_spread_over_gpus(tmp_path, capsys, monkeypatch, visible, devices, where, describe):
+    """Each slot says where its runs are: on a GPU (CUDA_VISIBLE_DEVICES names it) or on the CPU (it names none)."""
+    monkeypatch.setattr(study_module, "visible_gpus", lambda: visible)
     path = write_study(tmp_path, gpus=[0, 1], grid=dict(neat_depth=[2, 4, 6], neat_act=["relu"]))
     assert main(["--config", str(path)]) == 0
-    devices = [line.split()[1] for line in invocations(tmp_path)]
-    assert len(devices) == 6 and set(devices) == {"0", "1"}
-    assert "on GPU 0" in capsys.readouterr().out
+    seen = [line.split()[1] for line in invocations(tmp_path)]
+    assert len(seen) == 6 and set(seen) == devices
+    out = capsys.readouterr().out
+    assert f"{where}\n" in out and describe in out
     assert len(list(csv.DictReader(open(tmp_path / "out" / "results.csv")))) == 6
+
+
+def test_slots_follow_the_visible_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert study_module.visible_gpus() == ["5", "7"]
+    assert [(s.gpu, s.visible, s.where()) for s in slots([1, 1, 2])] == [
+        (1, "7", " on GPU 1 (CUDA_VISIBLE_DEVICES=7)"),
+        (1, "7", " on GPU 1 (CUDA_VISIBLE_DEVICES=7)"),
+        (2, "", " in slot 2 (CPU)"),
+    ]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert study_module.visible_gpus() == ["0", "1"] and slots(None)[0].where() == ""
 
 
 def test_point_configs_inherit_the_base(tmp_path):
@@ -202,11 +232,26 @@ def test_shipped_study_configs_load():
         assert points and all(p.options.get("base_config", study.overrides.get("base_config")) for p in points)
 
 
+def test_a_shipped_study_is_named_from_anywhere(tmp_path, monkeypatch):
+    """``neat-study --config studies/depth`` in any folder: the packaged file, its base_config beside it."""
+    monkeypatch.chdir(tmp_path)
+    study = load_study("studies/depth")
+    assert study.file == (REPO / "configs" / "studies" / "depth.yaml").resolve()
+    assert study.points()[0].base == (REPO / "configs" / "stanford_cars.yaml").resolve()
+    assert study.train_command == default_command() == (sys.executable, "-m", "neat_vision.engine")
+    with pytest.raises(StudyError, match=r"study file depth not found: .*; did you mean studies/depth\?"):
+        load_study("depth")
+
+
+def test_the_slurm_tables_are_one():
+    assert all(SLURM_SET[name] == key for key, name in PARAMETERS.items())
+    assert SLURM_SET["slurm_time"] == "timeout_min" and SLURM_SET["slurm_gpus_per_node"] == "gpus_per_node"
+
+
 @pytest.fixture(scope="module")
 def real_engine_study(tmp_path_factory):
-    """LoRA and FourierFT through train.py on the digits data (tiny ViT, two steps), run by the local runner."""
-    if not (REPO / "train.py").is_file():
-        pytest.skip("the training engine (train.py) is not here")
+    """LoRA and FourierFT through the default command (python -m neat_vision.engine) on the digits data (tiny ViT,
+    two steps), run by the local runner."""
     tmp_path = tmp_path_factory.mktemp("real_engine")
     base = dict(
         model="vit_tiny_patch16_224",

@@ -1,6 +1,7 @@
-"""Training engine: ``train.py``'s argument parsing, model building, loop, checkpoints and logging.
+"""Training engine: the training command's argument parsing, model building, loop, checkpoints and logging.
 
-``run(parse_args([...]))`` trains in-process and returns the final metrics; ``main()`` is the script.
+``run(parse_args([...]))`` trains in-process and returns the final metrics; ``main()`` is the command:
+``neat-train``, ``python -m neat_vision.engine``, or ``python train.py`` in a checkout.
 """
 
 from __future__ import annotations

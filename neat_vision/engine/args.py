@@ -1,4 +1,5 @@
-"""``train.py``'s options, timm style: a YAML ``--config`` sets the argparse defaults, flags override them.
+"""``neat-train``'s options (``train.py`` in a checkout), timm style: a YAML ``--config`` (a path, or a shipped
+config's name such as ``demo``) sets the argparse defaults, flags override them.
 
 The grammar (``base:`` chains, key spellings, ``neat:`` mappings, suggestions for unknown keys) is the one
 every runner shares, in `neat_vision.engine.options`; this module holds the options and their allowed ranges,
@@ -46,14 +47,23 @@ def _probability(text: str) -> float:
     return value
 
 
+def prog() -> str:
+    """The training command's name in messages: ``train.py`` when run as a checkout's script, else ``neat-train``
+    (the console script; also ``python -m neat_vision.engine``)."""
+    return "train.py" if Path(sys.argv[0]).name == "train.py" else "neat-train"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The training script's argument parser (every option can also be set in a YAML config)."""
     p = OneLineParser(
-        prog="train.py",
+        prog=prog(),
         description="Fine-tune a timm model with NEAT (or a baseline method).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("-c", "--config", default=None, help="YAML file whose keys (dest names) set the defaults")
+    p.add_argument(
+        "-c", "--config", default=None,
+        help="YAML file whose keys (dest names) set the defaults, or a shipped config's name (demo, cifar100, ...)",
+    )  # fmt: skip
     bool_flag = argparse.BooleanOptionalAction
 
     add_method_arguments(p, config_defaults=True)
@@ -218,7 +228,7 @@ def _finalize(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: S
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``); a ``--config`` YAML sets the defaults first."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = OneLineParser(prog="train.py", add_help=False)
+    pre = OneLineParser(prog=prog(), add_help=False)
     pre.add_argument("-c", "--config", default=None)
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()

@@ -1,6 +1,8 @@
 """The option grammar every runner shares (``train.py``, the GLUE and the instruction runners).
 
-A YAML ``--config`` sets the argparse defaults and the command line overrides them. A config may start with
+A YAML ``--config`` sets the argparse defaults and the command line overrides them. ``--config`` takes a path, or
+the name of a config that ships with neat-vision (``demo``, ``glue/cola_neat_l``, ``studies/depth``: see
+`find_config`). A config may start with
 ``base: other.yaml`` (a path relative to the file) to inherit that file's values; a later file overrides an
 earlier one key by key, and the ``neat`` fields one by one. Keys are an option's long names with underscores,
 any spelling the option accepts (``lr_adapter`` and ``lr`` name one option); ``neat: {rank: 4}`` is
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,8 +28,10 @@ __all__ = [
     "ConfigFileError",
     "block_indices",
     "did_you_mean",
+    "find_config",
     "option_differences",
     "option_keys",
+    "packaged_configs",
     "read_layers",
     "read_values",
     "settle_command_line",
@@ -46,9 +51,54 @@ def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.5) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
+def packaged_configs() -> Path:
+    """The folder of the configs that ship with neat-vision: ``neat_vision/configs`` (in a checkout a link to
+    the top-level ``configs/``; in a wheel the files themselves)."""
+    package = Path(__file__).resolve().parents[1]
+    folder = package / "configs"
+    if not folder.is_dir():  # a checkout made without symbolic links (git core.symlinks=false)
+        folder = package.parent / "configs"
+    return folder
+
+
+def find_config(name: str | os.PathLike[str]) -> Path:
+    """The YAML file that a runner's ``--config`` names: a path when that file exists, else a config shipped
+    with neat-vision, named by its path under `packaged_configs` with or without ``.yaml`` (``demo``,
+    ``glue/cola_neat_l``, ``studies/depth.yaml``; a leading ``configs/`` is allowed, so a checkout's
+    ``configs/demo.yaml`` also works from any folder). A path that exists wins. Neither: `ConfigFileError`
+    with the closest shipped names."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    text = os.fspath(name)
+    if path.exists():
+        raise ConfigFileError(f"config {text} is not a file")
+    if path.is_absolute():
+        raise ConfigFileError(f"config file {text} not found")
+    folder = packaged_configs()
+    relative = path.as_posix().removeprefix("configs/")
+    for candidate in (relative, f"{relative}.yaml"):
+        file = (folder / candidate).resolve()
+        if file.is_file() and file.suffix in (".yaml", ".yml") and file.is_relative_to(folder.resolve()):
+            return file
+    names = sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
+    stem = relative.removesuffix(".yaml")
+    close = [n for n in names if n.rsplit("/", 1)[-1] == stem.rsplit("/", 1)[-1]]
+    close += [n for n in difflib.get_close_matches(stem, names, n=4, cutoff=0.6) if n not in close]
+    hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
+    raise ConfigFileError(
+        f"config file {text} not found: no such file, and no config of that name ships with neat-vision{hint} "
+        f"(the shipped configs, named like demo or glue/cola_neat_l, are in {folder})"
+    )
+
+
 def read_layers(path: str | Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
-    """The files of a config's ``base:`` chain, the root base first, each with its mapping (``base`` removed)."""
-    path = Path(path).resolve()
+    """The files of a config's ``base:`` chain, the root base first, each with its mapping (``base`` removed).
+
+    The root ``path`` is a file or a shipped config's name (`find_config`); ``base:`` is a path relative to
+    the file that holds it.
+    """
+    path = (find_config(path) if not seen else Path(path)).resolve()
     if path in seen:
         chain = " -> ".join(str(s) for s in (*seen, path))
         raise ConfigFileError(f"config inheritance loops: {chain}")

@@ -340,5 +340,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return folder
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``neat-convert`` console script (``python -m neat_vision.integrations.peft``): `main`, then exit status 0."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,6 +1,7 @@
 """Method comparison at a matched adapter budget, with the learning rate chosen on validation, never on test.
 
-``python -m neat_vision.studies.compare --config configs/offline_compare/digits.yaml [--gpus 0 0 0 0]``. A compare
+``neat-compare --config offline_compare/digits [--gpus 0 0 0 0]`` (or ``python -m neat_vision.studies.compare``;
+``--config`` takes paths or shipped configs' names, see `neat_vision.engine.options.find_config`). A compare
 file is a study file (see `neat_vision.studies.study`) whose grid is written per method::
 
     base_config: ../demo.yaml
@@ -30,7 +31,6 @@ import csv
 import math
 import statistics
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +38,8 @@ from typing import Any
 
 import yaml
 
-from neat_vision.studies.study import Study, StudyError, load_study, report, run_study
+from neat_vision.engine.options import ConfigFileError, find_config
+from neat_vision.studies.study import Study, StudyError, report, run_study, study_from
 
 LR_OPTIONS = {"full": ("lr_backbone", "lr_head"), "linear": ("lr_head",)}
 DEFAULT_LR_OPTIONS = ("lr_neat", "lr_head")
@@ -178,12 +179,7 @@ def _study(
         data["seeds"] = seeds
     if lrs is not None:
         data["methods"] = {label: {**spec, "lr": [float(lrs[label])]} for label, spec in data["methods"].items()}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=path.parent, delete=False) as tmp:
-        yaml.safe_dump(study_file(data, path), tmp)
-    try:
-        return load_study(tmp.name, gpus=gpus, executor=executor)
-    finally:
-        Path(tmp.name).unlink()
+    return study_from(study_file(data, path), path, gpus=gpus, executor=executor)
 
 
 def _finished_rows(study: Study, run: bool) -> tuple[int, list[dict[str, Any]]]:
@@ -256,9 +252,11 @@ def run_compare(
     """Run (or only report) each compare file; write the combined report next to the first one's output."""
     results, code, out_dir = {}, 0, None
     for config in configs:
-        more, study, title, table = compare_one(
-            Path(config).resolve(), gpus=gpus, report_only=report_only, executor=executor
-        )
+        try:
+            path = find_config(config).resolve()
+        except ConfigFileError as err:
+            raise StudyError(str(err).replace("config file", "compare file", 1)) from None
+        more, study, title, table = compare_one(path, gpus=gpus, report_only=report_only, executor=executor)
         code |= more
         if table:
             results[title] = table
@@ -283,13 +281,14 @@ def run_compare(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m neat_vision.studies.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", nargs="+", required=True, help="compare YAML file(s)")
+    parser = argparse.ArgumentParser(prog="neat-compare", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "-c", "--config", nargs="+", required=True,
+        help="compare YAML file(s), or shipped configs' names (offline_compare/digits, ...)",
+    )  # fmt: skip
     parser.add_argument("--gpus", type=int, nargs="+", default=None, help="device ids (repeat one for parallel runs)")
     parser.add_argument("--output", default=None, help="folder of the combined report")
-    parser.add_argument(
-        "--executor", default=None, help="local, slurm or submitit-local (see neat_vision.studies)"
-    )
+    parser.add_argument("--executor", default=None, help="local, slurm or submitit-local (see neat_vision.studies)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
     args = parser.parse_args(argv)
     try:

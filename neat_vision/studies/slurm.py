@@ -1,7 +1,7 @@
 """A study's runs as submitit jobs: one Slurm job array, or the same jobs through submitit's local executor.
 
-`neat_vision.studies.study` builds every point's ``train.py ... --resume auto`` command and reads its ``final.json``;
-this module only hands those commands to submitit (``executor: slurm`` -> ``SlurmExecutor``,
+`neat_vision.studies.runs` builds every point's ``neat-train ... --resume auto`` command and reads its
+``final.json``; this module only hands those commands to submitit (``executor: slurm`` -> ``SlurmExecutor``,
 ``executor: submitit-local`` -> ``LocalExecutor``: the same path, another executor class), waits with
 progress lines, and says which runs failed. A job that reaches its time limit or is preempted is requeued
 by submitit (``submitit.helpers.Checkpointable``) and its run continues from its last checkpoint.
@@ -21,18 +21,9 @@ from pathlib import Path
 import cloudpickle
 import submitit
 
-from neat_vision.studies.study import Point, Progress, Study, StudyError, log_path, point_command
+from neat_vision.studies.runs import PARAMETERS, Point, Progress, Study, StudyError, log_path, point_command
 
 CLUSTERS = {"slurm": "slurm", "submitit-local": "local"}  # study executor -> submitit's cluster name
-# slurm keys that are submitit parameters: study key -> update_parameters name
-PARAMETERS = {
-    "timeout_min": "timeout_min",
-    "partition": "slurm_partition",
-    "gpus_per_node": "gpus_per_node",
-    "cpus_per_task": "cpus_per_task",
-    "mem_gb": "mem_gb",
-    "array_parallelism": "slurm_array_parallelism",
-}
 POLL_S = {"slurm": 10.0, "local": 1.0}
 
 

@@ -1,4 +1,4 @@
-"""Evaluate a trained adapter on a dataset split: ``python -m neat_vision.tools.evaluate --adapter DIR --split test``.
+"""Evaluate a trained adapter on a dataset split: ``neat-evaluate --adapter DIR --split test``.
 
 Top-1/top-5 and the loss come from the training engine's own ``evaluate`` (same loader, transform and counting
 as ``train.py``, so a run's test split gives its ``final.json`` numbers); per-class accuracy and the confusion
@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import logging
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,14 @@ from neat_vision.data import SPLITS, build_dataset, build_loader, build_transfor
 from neat_vision.engine.distributed import DistEnv
 from neat_vision.engine.metrics import evaluate
 from neat_vision.tools.trained import (
-    add_train_options,
     autocast_for,
+    console_script,
     open_adapter,
     pick_device,
     resolve_options,
     run_options,
+    run_tool,
+    tool_parser,
 )
 
 __all__ = ["confusion_matrix", "evaluate_adapter", "main", "per_class_accuracy", "plot_confusion"]
@@ -229,11 +230,11 @@ def evaluate_adapter(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (``train.py``'s shared ones keep their names, types and help)."""
-    p = argparse.ArgumentParser(
-        prog="python -m neat_vision.tools.evaluate",
-        description="Top-1/top-5, per-class accuracy and a confusion matrix of a trained adapter on a split.",
+    p = tool_parser(
+        "neat-evaluate",
+        "Top-1/top-5, per-class accuracy and a confusion matrix of a trained adapter on a split.",
+        SHARED,
     )
-    p.add_argument("--adapter", required=True, help="adapter folder (runs/<exp>/adapter)")
     p.add_argument("--split", default="test", choices=SPLITS, help="which split of the dataset")
     p.add_argument("--output", default=None, help="output folder (default: eval_<split> next to the adapter)")
     p.add_argument(
@@ -242,16 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="evaluate the merged model (faster; equal up to float rounding)",
     )
-    p.add_argument("--pretrained-file", default=None, help="local base weights (default: the run's, else the hub)")
-    add_train_options(p, SHARED)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The command: evaluate and write the summary; bad options or missing data exit with one line."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    try:
+
+    def work(args: argparse.Namespace) -> dict[str, Any]:
         return evaluate_adapter(
             args.adapter,
             split=args.split,
@@ -260,9 +258,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             pretrained_file=args.pretrained_file,
             options={k: getattr(args, k) for k in SHARED},
         )
-    except (AdapterMismatchError, OSError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
 
+    return run_tool(build_parser(), argv, work, (AdapterMismatchError, OSError, ValueError))
+
+
+cli = console_script(main)
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from neat_vision.adapter import merge_and_unload
 from neat_vision.adapter_files import AdapterMismatchError
-from neat_vision.tools.trained import DATA_CONFIG_OPTIONS, Trained, add_train_options, open_adapter
+from neat_vision.tools.trained import DATA_CONFIG_OPTIONS, Trained, console_script, open_adapter, run_tool, tool_parser
 
 __all__ = ["export_adapter", "export_timm", "export_transformers", "main"]
 
@@ -87,27 +86,26 @@ def export_adapter(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (the data-config ones are ``train.py``'s and default to the run's)."""
-    p = argparse.ArgumentParser(
-        prog="python -m neat_vision.tools.export",
-        description="Write the merged plain model of a trained adapter (timm hub layout, or save_pretrained).",
+    p = tool_parser(
+        "neat-export",
+        "Write the merged plain model of a trained adapter (timm hub layout, or save_pretrained).",
+        DATA_CONFIG_OPTIONS,
     )
-    p.add_argument("--adapter", required=True, help="adapter folder (runs/<exp>/adapter)")
     p.add_argument("--output", required=True, help="folder to write")
-    p.add_argument("--pretrained-file", default=None, help="local base weights (default: the run's, else the hub)")
-    add_train_options(p, DATA_CONFIG_OPTIONS)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """The command: export; a missing file or a bad option exits with one line."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    try:
+
+    def work(args: argparse.Namespace) -> Path:
         overrides = {k: getattr(args, k) for k in DATA_CONFIG_OPTIONS}
         return export_adapter(args.adapter, args.output, pretrained_file=args.pretrained_file, overrides=overrides)
-    except (AdapterMismatchError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
 
+    return run_tool(build_parser(), argv, work, (AdapterMismatchError, FileNotFoundError, ValueError))
+
+
+cli = console_script(main)
 
 if __name__ == "__main__":
-    main()
+    cli()

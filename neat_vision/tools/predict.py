@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +28,14 @@ from neat_vision.adapter import merge_and_unload
 from neat_vision.adapter_files import AdapterMismatchError, read_adapter_config
 from neat_vision.data import CorruptImageError, build_transforms, read_rgb
 from neat_vision.tools.trained import (
-    add_train_options,
     autocast_for,
+    console_script,
     open_adapter,
     pick_device,
     resolve_options,
     run_options,
+    run_tool,
+    tool_parser,
 )
 
 __all__ = ["Prediction", "collect_images", "main", "predict"]
@@ -186,27 +187,20 @@ def predict(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (``train.py``'s shared ones keep their names, types and help)."""
-    p = argparse.ArgumentParser(
-        prog="python -m neat_vision.tools.predict",
-        description="Top-k classes per image with a trained adapter (one CSV row per image).",
-    )
+    p = tool_parser("neat-predict", "Top-k classes per image with a trained adapter (one CSV row per image).", SHARED)
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or file lists (one path per line)")
-    p.add_argument("--adapter", required=True, help="adapter folder (runs/<exp>/adapter)")
     p.add_argument("--output", default="predictions.csv", help="CSV file to write")
     p.add_argument("--topk", type=int, default=5, help="classes per image")
     p.add_argument(
         "--merge", action=argparse.BooleanOptionalAction, default=True, help="merge the adapter first (faster)"
     )
-    p.add_argument("--pretrained-file", default=None, help="local base weights (default: the run's, else the hub)")
-    add_train_options(p, SHARED)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> Prediction:
     """The command: predict, report skipped inputs, exit non-zero only when nothing could be predicted."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    try:
+
+    def work(args: argparse.Namespace) -> Prediction:
         return predict(
             args.adapter,
             args.inputs,
@@ -216,9 +210,11 @@ def main(argv: Sequence[str] | None = None) -> Prediction:
             pretrained_file=args.pretrained_file,
             options={k: getattr(args, k) for k in SHARED},
         )
-    except (AdapterMismatchError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
 
+    return run_tool(build_parser(), argv, work, (AdapterMismatchError, FileNotFoundError, ValueError))
+
+
+cli = console_script(main)
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +30,13 @@ __all__ = [
     "Trained",
     "add_train_options",
     "autocast_for",
+    "console_script",
     "open_adapter",
     "pick_device",
     "resolve_options",
     "run_options",
+    "run_tool",
+    "tool_parser",
 ]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -159,3 +164,38 @@ def autocast_for(amp: str, device: torch.device) -> Callable[[], contextlib.Abst
     if amp == "none":
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def tool_parser(prog: str, description: str, options: Sequence[str]) -> argparse.ArgumentParser:
+    """A tool's parser: ``--adapter``, ``--pretrained-file`` and train.py's ``options`` (same names, types, help)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--adapter", required=True, help="adapter folder (runs/<exp>/adapter)")
+    parser.add_argument("--pretrained-file", default=None, help="local base weights (default: the run's, else the hub)")
+    add_train_options(parser, options)
+    return parser
+
+
+def run_tool(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    work: Callable[[argparse.Namespace], Any],
+    errors: tuple[type[BaseException], ...],
+) -> Any:
+    """Parse ``argv``, log to stdout, return ``work(args)``; ``errors`` exit with one ``error: ...`` line."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    try:
+        return work(args)
+    except errors as err:
+        raise SystemExit(f"error: {err}") from err
+
+
+def console_script(main: Callable[[], Any]) -> Callable[[], None]:
+    """``main`` as a console script: it exits 0 when ``main`` returns (a script would print a returned object and
+    exit 1), and with ``main``'s own status when it exits."""
+
+    def script() -> None:
+        main()
+
+    script.__doc__ = f"The console script of `{main.__module__}.main`."
+    return script
