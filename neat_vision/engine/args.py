@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The training script's argument parser (every option can also be set in a YAML config)."""
     p = OneLineParser(
         prog=prog(),
-        description="Fine-tune a timm model with NEAT (or a baseline method).",
+        description="Fine-tune a timm model with NEAT, LoRA or FourierFT (or train the head only, or everything).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(

@@ -1,4 +1,4 @@
-"""Baselines on the NEAT machinery: the core's invariants for LoRA and FourierFT, peft conformance, budgets."""
+"""Every method on the shared machinery: the invariants of LoRA and FourierFT, peft conformance, budgets, options."""
 
 import argparse
 import copy
