@@ -10,6 +10,7 @@ from ._moved import install_moved_modules
 from .adapter import (
     adapter_parameters,
     apply_adapter,
+    apply_method,
     apply_neat,
     delta_norms,
     disable_adapter,
@@ -64,6 +65,7 @@ __all__ = [
     "adapted_layers",
     "adapter_parameters",
     "apply_adapter",
+    "apply_method",
     "apply_neat",
     "batch_tweakers",
     "check_reached",

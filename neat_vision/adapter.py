@@ -19,7 +19,7 @@ from torch import nn
 from .batching import batch_tweakers
 from .conv import AdaptedConv2d
 from .layers import AdaptedLayer, AdaptedLinear, adapted_layers
-from .methods import NeatConfig
+from .methods import WHOLE_MODEL_METHODS, AdapterConfig, ConfigError, NeatConfig
 from .reach import check_reached
 from .targets import AliasTable, head_names, resolve_targets
 
@@ -93,6 +93,34 @@ def apply_adapter(
     model.neat_config = config
     model.register_load_state_dict_post_hook(_drop_missing_update_keys)
     return check_reached(model)
+
+
+def apply_method(
+    model: nn.Module,
+    method: str,
+    config: AdapterConfig | None,
+    *,
+    apply: Callable[[nn.Module, AdapterConfig], nn.Module] = apply_adapter,
+) -> nn.Module:
+    """Make ``model``'s trainable set for ``method`` in place and return it (what every runner does).
+
+    An update method's ``config`` goes through ``apply`` (`apply_adapter`, or an integration's, e.g. the
+    transformers one with its family's aliases); ``linear`` trains the classifier head only (`head_names`),
+    ``full`` every weight.
+    """
+    if config is not None:
+        if config.method != method:
+            raise ConfigError(f"method={method!r} was given the config of {config.method!r}")
+        return apply(model, config)
+    if method not in WHOLE_MODEL_METHODS:
+        raise ConfigError(f"method={method!r} needs its config")
+    heads = head_names(model)
+    if method == "linear" and not heads:
+        raise ValueError(f"method='linear' trains the classifier head, and {type(model).__name__} has none")
+    model.requires_grad_(method == "full")
+    for name in heads:
+        model.get_submodule(name).requires_grad_(True)
+    return model
 
 
 def apply_neat(model: nn.Module, config: NeatConfig | Mapping[str, Any], **kwargs: Any) -> nn.Module:

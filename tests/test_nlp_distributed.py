@@ -1,4 +1,5 @@
-"""The NLP runners under torchrun (2 CPU processes, gloo) train like one process with the same global batch."""
+"""The NLP runners under torchrun (2 CPU processes, gloo) train like one process with the same global batch, with
+every update method."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from transformers import AutoModelForCausalLM, RobertaModel  # noqa: E402
 
-from neat_vision.nlp import glue, instruct, load_adapter  # noqa: E402
+from neat_vision.engine.distributed import DistEnv, setup_distributed  # noqa: E402
+from neat_vision.nlp import cli, glue, instruct, load_adapter  # noqa: E402
 from neat_vision.nlp.loop import CHECKPOINT  # noqa: E402
 from tests import nlp_fixtures as fx  # noqa: E402
 from tests.nlp_fixtures import single_thread  # noqa: E402, F401 (an autouse fixture)
@@ -37,6 +39,26 @@ def torchrun(module: str, argv: list[str], **env: str) -> subprocess.CompletedPr
     return subprocess.run(
         [*command, "-m", module, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
+
+
+def run_all(runs: list[tuple[str, list[str]]]) -> int:
+    """Each ``(runner, argv)`` in turn in this torchrun job; the first failure's status.
+
+    The runs share one process group: a group made again in the same job can meet the keys the last one left in
+    torchrun's store, and hang.
+    """
+    env = setup_distributed("cpu")
+    cli.setup_distributed = lambda device: env
+    DistEnv.close = lambda self: None
+    mains = {"glue": glue.main, "instruct": instruct.main}
+    try:
+        for runner, argv in runs:
+            code = mains[runner](argv)
+            if code:
+                return code
+    finally:
+        torch.distributed.destroy_process_group()
+    return 0
 
 
 def killed_glue_main(step: int, argv: list[str]) -> int:
@@ -137,5 +159,38 @@ def test_instruct_two_processes_train_like_one(tmp_path, instruct_setup):
     assert len(rows[1]) == 5 and [r["response"] for r in rows[1]] == [r["response"] for r in rows[0]]
 
 
-if __name__ == "__main__":  # a torchrun worker of test_glue_two_processes_train_like_one
+def test_lora_and_fourierft_two_processes_train_like_one(tmp_path, roberta_folder, instruct_setup):
+    # GLUE as in test_glue_two_processes_train_like_one; the instruction runner as in the test above, LoRA under FSDP2
+    data = fx.write_glue(tmp_path / "glue", "mrpc", n_train=20, n_dev=18)
+    glue_common = ["--task", "mrpc", "--model", str(roberta_folder), "--data-dir", str(data), "--lr", "1e-2"]
+    glue_common += ["--batch-size", "7", "--eval-batch-size", "2", "--epochs", "2", "--device", "cpu"]
+    setup = instruct_setup
+    instruct_common = ["--model", str(setup["model"]), "--data", str(setup["data"]), "--lr", "5e-3", "--epochs", "2"]
+    instruct_common += ["--batch-size", "5", "--micro-batch-size", "2", "--val-size", "3", "--warmup-steps", "0"]
+    instruct_common += ["--device", "cpu"]
+    lora = ["--method", "lora", "--lora-rank", "2", "--lora-alpha", "4"]
+    fourier = ["--method", "fourierft", "--fourier-n", "40", "--fourier-alpha", "64"]
+    runs = {  # name: (runner, options, options of the 2-process run only, metrics)
+        "glue-lora": ("glue", [*glue_common, *lora], [], ["accuracy", "f1"]),
+        "glue-fourierft": ("glue", [*glue_common, *fourier], [], ["accuracy", "f1"]),
+        "instruct-lora": ("instruct", [*instruct_common, *lora, "--neat-targets", "q,v,up"], ["--fsdp"], ["val_loss"]),
+        "instruct-fourierft": ("instruct", [*instruct_common, *fourier], [], ["val_loss"]),
+    }
+    mains = {"glue": glue.main, "instruct": instruct.main}
+    for name, (runner, argv, _, _) in runs.items():
+        assert mains[runner]([*argv, "--output", str(tmp_path / "one" / name)]) == 0
+    job = [
+        (runner, [*argv, *two, "--output", str(tmp_path / "two" / name)])
+        for name, (runner, argv, two, _) in runs.items()
+    ]
+    done = torchrun("tests.test_nlp_distributed", [], NEAT_TEST_RUNS=json.dumps(job))  # one job: one start-up
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, (_, _, _, metrics) in runs.items():
+        assert_same_run(tmp_path / "one" / name, tmp_path / "two" / name, metrics)
+        assert len(torch.load(tmp_path / "two" / name / CHECKPOINT, weights_only=True)["rng"]) == 2  # 2 ranks ran
+
+
+if __name__ == "__main__":  # a torchrun worker of the tests above
+    if "NEAT_TEST_RUNS" in os.environ:
+        sys.exit(run_all(json.loads(os.environ["NEAT_TEST_RUNS"])))
     sys.exit(killed_glue_main(int(os.environ["NEAT_TEST_KILL_STEP"]), sys.argv[1:]))

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 from neat_vision import NeatConfig  # noqa: E402
 from neat_vision.engine import parse_args as train_parse  # noqa: E402
+from neat_vision.methods import FourierConfig, LoraConfig  # noqa: E402
 from neat_vision.nlp import glue, instruct  # noqa: E402
 from neat_vision.nlp.cli import parse_args as nlp_parse  # noqa: E402
 from neat_vision.nlp.cli import run_config  # noqa: E402
@@ -43,7 +44,7 @@ def _settings(runner: str, args) -> dict:
             epochs=args.epochs,
         )
     return dict(
-        neat=NeatConfig.coerce(args.neat),
+        neat=args.method_config,
         lr=args.lr,
         clip=args.max_grad_norm,
         every=args.checkpoint_steps,
@@ -179,4 +180,59 @@ def test_spellings_do_not_change_what_a_resumed_run_compares():
         "glue", ["--neat-rank", "4", "--lr-adapter", "1e-3", "--amp", "none", "--output", "r", "--experiment", "e"]
     )
     assert run_config(old) == run_config(new)
-    assert {"neat_rank", "neat_overrides", "experiment"}.isdisjoint(vars(new))
+    assert {"neat_rank", "neat_overrides", "experiment"}.isdisjoint(run_config(new))  # the fields sit under "neat"
+
+
+METHOD_FLAGS = {
+    "lora": ["--method", "lora", "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1"],
+    "fourierft": ["--method", "fourierft", "--fourier-n", "100", "--fourier-alpha", "30", "--fourier-seed", "5"],
+}
+METHOD_YAML = {
+    "lora": "method: lora\nlora_rank: 4\nlora_alpha: 8\nlora_dropout: 0.1\n",
+    "fourierft": "method: fourierft\nfourier_n: 100\nfourier_alpha: 30\nfourier_seed: 5\n",
+}
+METHOD_EXPECTED = {
+    "lora": LoraConfig(targets=("q", "v"), layers=(0, 1), rank=4, alpha=8.0, dropout=0.1),
+    "fourierft": FourierConfig(targets=("q", "v"), layers=(0, 1), n=100, alpha=30.0, seed=5),
+}
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("method", ["lora", "fourierft"])
+def test_every_runner_reads_the_lora_and_fourier_names(runner, method, tmp_path):
+    shared = ["--neat-targets", "q,v", "--neat-layers", "0-1"]
+    by_flags = _parse(runner, [*METHOD_FLAGS[method], *shared])
+    (tmp_path / "m.yaml").write_text(METHOD_YAML[method] + "neat: {targets: [q, v], layers: 0-1}\n")
+    by_yaml = _parse(runner, ["--config", str(tmp_path / "m.yaml")])
+    assert by_flags.method == by_yaml.method == method
+    assert _settings(runner, by_flags)["neat"] == _settings(runner, by_yaml)["neat"] == METHOD_EXPECTED[method]
+    budget = _parse(runner, ["--method", method, "--param-budget", "5000"])
+    assert budget.param_budget == 5000 and budget.method_config is None  # solved on the model, when it is built
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method", "lora", "--lora-dropout", "1.5"], "lora_dropout=1.5 is not allowed: a probability in [0, 1)"),
+        (["--method", "lora", "--lora-rank", "0"], "lora_rank=0 is not allowed: an integer >= 1"),
+        (["--method", "fourierft", "--fourier-n", "0"], "fourier_n=0 is not allowed: an integer >= 1"),
+        (["--method", "full", "--param-budget", "9"], "param_budget=9 is not allowed with method='full'"),
+        (["--method", "lora", "--param-budget", "0"], "budget=0 is not allowed: "),
+    ],
+)
+def test_bad_lora_and_fourier_values_fail_alike_in_every_runner(runner, argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(runner, argv)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_a_neat_runs_settings_are_recorded_as_before_and_other_methods_add_theirs():
+    neat = run_config(_parse("glue", ["--neat-rank", "4", "--neat-targets", "q,v"]))
+    assert neat["neat"] == {"rank": 4, "targets": ["q", "v"]}
+    assert {"method", "param_budget", "method_config", "method_fields", "lora", "lora_rank"}.isdisjoint(neat)
+    lora = run_config(_parse("glue", ["--method", "lora", "--lora-rank", "4", "--neat-rank", "9"]))
+    assert (lora["method"], lora["lora"]) == ("lora", {"rank": 4}) and "neat" not in lora  # NEAT's own: not LoRA's
+    full = run_config(_parse("instruct", ["--method", "full"]))
+    assert full["method"] == "full" and not {"neat", "lora", "fourierft"} & set(full)

@@ -18,10 +18,10 @@ from typing import Any
 import timm
 import yaml
 
-from neat_vision.engine.method_options import add_method_arguments, method_config
+from neat_vision.engine.method_options import add_method_arguments, parse_time_config
 from neat_vision.engine.options import ConfigFileError, did_you_mean, read_values, settle_command_line
 from neat_vision.errors import OneLineParser, device_problem_of
-from neat_vision.methods import WHOLE_MODEL_METHODS, ConfigError
+from neat_vision.methods import ConfigError
 
 __all__ = ["ConfigFileError", "build_parser", "load_config", "parse_args", "resolved_config"]
 
@@ -200,12 +200,8 @@ def _check_method(args: argparse.Namespace) -> str | None:
     """Build the method's config now and carry it (``args.method_config``), so a bad option fails before anything
     is built. A parameter budget's config needs the model: `neat_vision.engine.model.build_adapter` solves it then
     (the other fields are checked here)."""
-    args.method_config = None
     try:
-        if args.param_budget is None or args.method in WHOLE_MODEL_METHODS:
-            args.method_config = method_config(args)
-        else:
-            method_config(argparse.Namespace(**{**vars(args), "param_budget": None}))
+        args.method_config = parse_time_config(args)
     except ConfigError as err:
         return str(err)
     return None

@@ -18,8 +18,16 @@ from torch import nn
 
 from neat_vision.methods import METHODS, WHOLE_MODEL_METHODS, AdapterConfig, ConfigError, config_class, method_names
 from neat_vision.methods.budget import rank_for_budget
+from neat_vision.targets import AliasTable
 
-__all__ = ["SHARED_PREFIX", "add_method_arguments", "method_config", "option_names"]
+__all__ = [
+    "SHARED_PREFIX",
+    "add_method_arguments",
+    "method_config",
+    "method_fields",
+    "option_names",
+    "parse_time_config",
+]
 
 SHARED_PREFIX = "neat"  # the shared fields' options: --neat-targets, --neat-layers, --neat-path
 _FLAGGED_SHARED = ("targets", "layers", "path")  # shared fields with a flag; the others are YAML keys / --neat only
@@ -81,11 +89,14 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, config_defaults: bo
             _add_field(sub, cls.option_prefix, f, _field_default(f) if config_defaults else None)
 
 
-def method_config(args: argparse.Namespace, model: nn.Module | None = None) -> AdapterConfig | None:
+def method_config(
+    args: argparse.Namespace, model: nn.Module | None = None, *, aliases: AliasTable | None = None
+) -> AdapterConfig | None:
     """The validated config of ``args.method`` from the options (``None`` for ``linear`` and ``full``).
 
     Unset options (``None``) take the config's defaults. With ``args.param_budget`` the method's
-    ``budget_field`` is solved on ``model`` (required then) by `rank_for_budget`, and the count is printed.
+    ``budget_field`` is solved on ``model`` (required then) by `rank_for_budget`, and the count is printed;
+    ``aliases``: the model family's target aliases (the NLP runners' transformers presets).
     """
     method = getattr(args, "method", "neat") or "neat"
     budget = getattr(args, "param_budget", None)
@@ -97,17 +108,41 @@ def method_config(args: argparse.Namespace, model: nn.Module | None = None) -> A
         raise ConfigError(f"method={method!r} is not allowed: one of {', '.join(method_names())}")
     cls = config_class(method)
     options = option_names(cls)
-    fields = {field: getattr(args, option, None) for field, option in options.items()}
-    fields = {k: v for k, v in fields.items() if v is not None}
+    fields = method_fields(args)
     try:
         if budget is None:
             return cls.coerce(fields)
         if model is None:
             raise ConfigError(f"param_budget={budget} needs the model to count on: pass method_config(args, model)")
-        value, count = rank_for_budget(model, method, budget, **fields)
+        value, count = rank_for_budget(model, method, budget, aliases=aliases, **fields)
         config = cls.coerce({**fields, cls.budget_field: value})
     except ConfigError as err:  # name the options, not the config fields
         message = re.sub(rf"\b{cls.__name__}\.(\w+)", lambda m: options.get(m[1], m[0]), str(err))
         raise ConfigError(message) from err
     print(f"param budget {budget}: {options[cls.budget_field]}={value} gives {count} update parameters (head excluded)")
     return config
+
+
+def parse_time_config(args: argparse.Namespace) -> AdapterConfig | None:
+    """The config a runner builds once, when it parses its options, and carries (``args.method_config``).
+
+    ``None`` for ``linear`` / ``full``, and with ``--param-budget`` (the other fields are checked now; the budget
+    is solved on the loaded model by ``method_config(args, model)``). Raises `ConfigError` naming the options.
+    """
+    if getattr(args, "param_budget", None) is None or args.method in WHOLE_MODEL_METHODS:
+        return method_config(args)
+    method_config(argparse.Namespace(**{**vars(args), "param_budget": None}))
+    return None
+
+
+def method_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the options of ``args.method`` set (unset ones are ``None`` and left out)."""
+    if args.method not in METHODS:
+        return {}
+    values = {field: getattr(args, option, None) for field, option in option_names(config_class(args.method)).items()}
+    return {field: value for field, value in values.items() if value is not None}
+
+
+def all_method_options() -> set[str]:
+    """Every registered method's option destinations (``neat_rank``, ``lora_alpha``, ``neat_targets``, ...)."""
+    return {option for cls in METHODS.values() for option in option_names(cls).values()}

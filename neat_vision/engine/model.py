@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from neat_vision.adapter import apply_adapter, disable_adapter
+from neat_vision.adapter import apply_method, disable_adapter
 from neat_vision.adapter_files import save_adapter
 from neat_vision.batching import batch_tweakers
 from neat_vision.engine.method_options import method_config
@@ -72,13 +72,10 @@ def build_adapter(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     config = getattr(args, "method_config", None)
     if config is None:  # a parameter budget (solved on the model), or options that did not come from parse_args
         config = method_config(args, model)
-    if config is not None:
-        # train.py runs the model eagerly, under DDP or compiled: the batched tweaker pass is correct in
-        # each (it stands aside under compile, checkpointing and sharding); library users opt in themselves
-        return batch_tweakers(apply_adapter(model, config))
-    model.requires_grad_(args.method == "full")
-    model.get_classifier().requires_grad_(True)
-    return model
+    model = apply_method(model, args.method, config)
+    # train.py runs the model eagerly, under DDP or compiled: the batched tweaker pass is correct in each (it
+    # stands aside under compile, checkpointing and sharding); library users opt in themselves
+    return batch_tweakers(model) if config is not None else model
 
 
 def record_label_names(model: nn.Module, names: Sequence[str] | None) -> None:

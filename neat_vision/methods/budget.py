@@ -7,32 +7,39 @@ from typing import Any
 
 from torch import nn
 
-from ..targets import matrix_shape, resolve_targets
+from ..targets import AliasTable, matrix_shape, resolve_targets
 from .base import AdapterConfig, ConfigError, is_int
 from .registry import METHODS, config_class, make_config
 
 
-def block_shapes(model: nn.Module, config: AdapterConfig) -> list[tuple[int, int]]:
-    """``(d_out, d_in)`` of every weight block the config adapts on ``model``."""
+def block_shapes(model: nn.Module, config: AdapterConfig, aliases: AliasTable | None = None) -> list[tuple[int, int]]:
+    """``(d_out, d_in)`` of every weight block the config adapts on ``model`` (``aliases``: the family's, as in
+    `apply_adapter`)."""
     return [
         (stop - start, matrix_shape(model.get_submodule(t.name))[1])
-        for t in resolve_targets(model, config.targets, config.layers)
+        for t in resolve_targets(model, config.targets, config.layers, aliases)
         for start, stop in t.slices
     ]
 
 
-def update_param_count(model: nn.Module, config: AdapterConfig) -> int:
+def update_param_count(model: nn.Module, config: AdapterConfig, aliases: AliasTable | None = None) -> int:
     """Trainable update parameters ``config`` puts on ``model`` (head excluded), without adapting it."""
-    return sum(config.param_count(o, i) for o, i in block_shapes(model, config))
+    return sum(config.param_count(o, i) for o, i in block_shapes(model, config, aliases))
 
 
 def rank_for_budget(
-    model: nn.Module | Callable[[], nn.Module], method: str, budget: int, **fields: Any
+    model: nn.Module | Callable[[], nn.Module],
+    method: str,
+    budget: int,
+    *,
+    aliases: AliasTable | None = None,
+    **fields: Any,
 ) -> tuple[int, int]:
     """The rank (the method's ``budget_field``: ``n`` for FourierFT) whose update count lands closest to ``budget``.
 
     ``model`` is a model or a factory of one (only its layer shapes are read); ``fields`` are the other
-    config fields (targets, layers, depth, ...). Counts exclude the head. Returns ``(value, real_count)``;
+    config fields (targets, layers, depth, ...); ``aliases`` the model family's target aliases (a transformers
+    model's preset, as `apply_adapter` is given). Counts exclude the head. Returns ``(value, real_count)``;
     on a tie the smaller value wins.
     """
     if not is_int(budget) or budget < 1:
@@ -44,7 +51,7 @@ def rank_for_budget(
     config = make_config(method, **fields)
     if not isinstance(model, nn.Module):
         model = model()
-    shapes = block_shapes(model, config)
+    shapes = block_shapes(model, config, aliases)
     limit = config.budget_limit(shapes)
 
     def count(value: int) -> int:

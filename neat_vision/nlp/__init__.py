@@ -1,8 +1,9 @@
 """NEAT for Hugging Face transformers: RoBERTa/BERT and LLaMA-class models, GLUE and instruction-tuning runners.
 
-Needs the ``nlp`` extra (``pip install -e ".[nlp]"``); ``import neat_vision`` works without it. Runners:
-``python -m neat_vision.nlp.glue --config configs/glue/<task>_neat_l.yaml`` and
-``python -m neat_vision.nlp.instruct --config configs/instruct/commonsense.yaml``.
+Needs the ``nlp`` extra (``pip install "neat-vision[nlp]"``, in a checkout ``pip install -e ".[nlp]"``);
+``import neat_vision`` works without it. Runners: ``neat-glue --config glue/<task>_neat_l`` and
+``neat-instruct --config instruct/commonsense`` (``python -m neat_vision.nlp.glue`` / ``.instruct``; ``--config``
+takes a path or a shipped config's name).
 """
 
 try:

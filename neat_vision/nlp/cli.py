@@ -3,6 +3,13 @@
 A YAML ``--config`` (with ``base:`` chains) sets the defaults, flags override them; keys are the flags' names
 with underscores (``batch_size`` for ``--batch-size``); the NEAT fields are ``neat: {rank: 8}``, ``neat_rank``,
 ``--neat-rank 8`` or ``--neat rank=8`` (`neat_vision.engine.options`). Unknown keys fail with the closest names.
+
+``--method`` picks what trains, with train.py's option names (`neat_vision.engine.method_options`): ``neat``,
+``lora`` (``--lora-rank/--lora-alpha/--lora-dropout``), ``fourierft`` (``--fourier-n/--fourier-alpha/--fourier-seed``),
+all three on the shared ``--neat-targets/--neat-layers`` (and YAML ``neat_train_head``, ``neat_trainable``), or
+``full`` (every weight) and, on the GLUE runner, ``linear`` (the classifier head only). `parse_args` builds the
+method's config once and carries it in ``args.method_config`` (``--param-budget``: solved on the model by
+`method_config_for`).
 """
 
 from __future__ import annotations
@@ -15,13 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..engine.distributed import DistEnv, setup_distributed
-from ..engine.method_options import add_method_arguments
+from ..engine.method_options import (
+    add_method_arguments,
+    all_method_options,
+    method_config,
+    method_fields,
+    parse_time_config,
+)
 from ..engine.options import ConfigFileError, read_values, settle_command_line
 from ..engine.progress import log_to_stdout
 from ..errors import USER_ERRORS, OneLineParser, device_problem_of, exit_status, one_line
-from ..methods import ConfigError, NeatConfig
+from ..integrations.transformers_presets import preset_aliases
+from ..methods import METHODS, AdapterConfig, ConfigError, method_names
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -47,12 +62,15 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "warmup_ratio": (lambda v: _number(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
     **{k: (lambda v: _integer(v) and v >= 0, "an integer >= 0") for k in ("warmup_steps", "val_size", "seed")},
     "checkpoint_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: only at epoch ends)"),
+    "param_budget": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
 }
 
 # settings that do not change a run's training (a resumed run may differ in these)
 NOT_TRAINING = {"config", "resume", "device", "output", "checkpoint_steps", "eval_batch_size", "eval_dir", "eval_sets"}
 # fsdp: the same sums and the same checkpoint format as DDP, so either may resume the other
 NOT_TRAINING |= {"eval_limit", "max_new_tokens", "num_beams", "eval_only", "adapter", "fsdp"}
+# what run_config records in its own way (the config object is built from the others)
+_METHOD_KEYS = {"method", "method_config", "param_budget"}
 
 
 def _amp(text: str) -> str:
@@ -73,13 +91,16 @@ def _resume(text: str) -> str:
     return text
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags every runner has: config, model, output, NEAT fields, optimisation and checkpointing basics.
+def add_common_arguments(parser: argparse.ArgumentParser, methods: Sequence[str] | None = None) -> None:
+    """Flags every runner has: config, model, output, the method and its fields, optimisation and checkpointing.
 
-    Their names are train.py's where they mean the same thing (``--neat-rank``, ``--lr-adapter``, ``--amp``,
-    ``--resume auto``, ``--experiment``, ``--clip-grad``, ``--checkpoint-interval``), with the older spellings kept.
+    Their names are train.py's where they mean the same thing (``--method``, ``--neat-rank``, ``--lora-rank``,
+    ``--param-budget``, ``--lr-adapter``, ``--amp``, ``--resume auto``, ``--experiment``, ``--clip-grad``,
+    ``--checkpoint-interval``), with the older spellings kept. ``methods``: the ``--method`` choices (default: all).
     """
-    parser.add_argument("--config", help="YAML file whose keys set the defaults of these flags")
+    parser.add_argument(
+        "--config", help="YAML file whose keys set the defaults of these flags, or a shipped config's name (glue/...)"
+    )
     parser.add_argument("--model", help="transformers model name or local folder (from_pretrained)")
     parser.add_argument("--tokenizer", help="tokenizer name or folder (default: --model)")
     parser.add_argument("--output", help="run folder: checkpoint.pt, best/ and last/ adapters, summary.csv, tb/")
@@ -87,8 +108,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", nargs="?", const="auto", type=_resume, help="continue the run in --output from checkpoint.pt"
     )
-    add_method_arguments(parser, config_defaults=False, methods=["neat"])
-    parser.add_argument("--lr", "--lr-adapter", "--lr-neat", type=float, help="learning rate of the tweakers")
+    add_method_arguments(parser, config_defaults=False, methods=list(methods or method_names()))
+    parser.add_argument(
+        "--lr", "--lr-adapter", "--lr-neat", type=float,
+        help="learning rate of the update parameters (NEAT, LoRA, FourierFT), or of the weights with --method full",
+    )  # fmt: skip
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, help="examples per optimizer step (all processes together)")
     parser.add_argument("--epochs", type=int)
@@ -111,8 +135,10 @@ def parse_args(
 ) -> argparse.Namespace:
     """Parse ``argv`` with ``--config`` defaults (`neat_vision.engine.options`: the grammar of every runner).
 
-    Fails on unknown YAML keys, on values out of range and on missing ``required`` settings; ``args.neat`` is
-    the mapping of the NeatConfig fields set, validated.
+    Fails on unknown YAML keys, on values out of range and on missing ``required`` settings. The method's options
+    become ``args.method_config`` (`neat_vision.engine.method_options.parse_time_config`: the validated config;
+    ``None`` for ``linear`` / ``full``, and with ``--param-budget`` until `method_config_for` solves it on the
+    model).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = OneLineParser(prog=parser.prog, add_help=False)
@@ -125,12 +151,6 @@ def parse_args(
             parser.error(str(err))
     args = parser.parse_args(argv)
     settle_command_line(parser, args, argv)
-    neat = {}
-    for name in [k for k in vars(args) if k.startswith("neat_")]:
-        value = vars(args).pop(name)
-        if value is not None:
-            neat[name[5:]] = value
-    args.neat = neat
     if args.experiment is not None:
         if args.output is None:
             parser.error("--experiment needs --output: the folder that holds the run folders")
@@ -149,13 +169,21 @@ def parse_args(
         if value is not None and not ok(value):
             parser.error(f"--{name.replace('_', '-')}={value!r} is not allowed: {allowed}")
     try:
-        NeatConfig.coerce(args.neat)
+        args.method_config = parse_time_config(args)
     except ConfigError as err:
-        parser.error(f"--neat / neat: {err}")
+        parser.error(str(err))
     device_problem = device_problem_of(args.device)
     if device_problem:
         parser.error(device_problem)
     return args
+
+
+def method_config_for(args: argparse.Namespace, model: nn.Module) -> AdapterConfig | None:
+    """The run's method config: the one `parse_args` built, or the ``--param-budget`` one solved on ``model`` with
+    its family's target aliases (then carried in ``args.method_config`` too); ``None`` for ``linear`` and ``full``."""
+    if args.method_config is None and args.method in METHODS:
+        args.method_config = method_config(args, model, aliases=preset_aliases(model))
+    return args.method_config
 
 
 def exit_code(err: BaseException) -> int:
@@ -194,5 +222,18 @@ def load_pretrained(load: Callable[..., Any], name: str, *args: Any, **kwargs: A
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings that define a run's training (what a resumed run must share with the original)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_TRAINING}
+    """The settings that define a run's training (what a resumed run must share with the original).
+
+    The method's fields set are under the method's name (``neat: {rank: 8}``, ``lora: {rank: 4}``); ``method``
+    and ``param_budget`` appear only when they are not the defaults (``neat``, none), so a NEAT run's settings
+    are those the runners recorded before they trained other methods, and its checkpoints resume.
+    """
+    config = {k: v for k, v in vars(args).items() if k not in NOT_TRAINING | _METHOD_KEYS | all_method_options()}
+    method = getattr(args, "method", "neat")
+    if method in METHODS:
+        config[method] = method_fields(args)
+    if method != "neat":
+        config["method"] = method
+    if getattr(args, "param_budget", None) is not None:
+        config["param_budget"] = args.param_budget
+    return dict(sorted(config.items()))

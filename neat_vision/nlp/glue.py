@@ -1,10 +1,14 @@
-"""GLUE runner: NEAT on a sequence classifier (default ``roberta-base``), the paper's Tables 8/9 settings.
+"""GLUE runner: NEAT (or LoRA, FourierFT, linear, full) on a sequence classifier (default ``roberta-base``).
 
-    python -m neat_vision.nlp.glue --config configs/glue/cola_neat_l.yaml [--data-dir glue_data]
+    neat-glue --config glue/cola_neat_l [--data-dir glue_data]     # or python -m neat_vision.nlp.glue
 
-Trains the tweakers (``--lr``) and the classifier head (``--head-lr``) with AdamW and a linear schedule
+The configs hold the paper's Tables 8/9 settings. ``--method`` picks what trains: ``neat`` (default), ``lora`` or
+``fourierft`` on the same ``--neat-targets`` / ``--neat-layers``, ``linear`` (the classifier head only) or
+``full`` (every weight). Trains the update parameters (``--lr``; with ``full`` the encoder's weights) and the
+classifier head (``--head-lr``) with AdamW and a linear schedule
 with ``--warmup-ratio`` warmup, evaluates on the dev set (MNLI: matched) after every epoch and keeps the
-best epoch's adapter in ``<output>/best``. Writes ``results.json`` (best and per-epoch dev metrics),
+best epoch's adapter in ``<output>/best`` (``linear`` / ``full``: ``head.safetensors`` / ``model.safetensors``
+with ``export.json``, as train.py writes them). Writes ``results.json`` (best and per-epoch dev metrics),
 ``summary.csv``, TensorBoard events in ``tb/`` and ``checkpoint.pt`` (``--resume`` continues it). Exit
 code 0 on success, 2 on a bad setting or file (one ``error:`` line), 3 when the run diverged (non-finite loss,
 gradients or weights; the last good checkpoint is kept).
@@ -28,26 +32,36 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from ..adapter import trainable_summary
+from ..adapter import apply_method, trainable_summary
 from ..engine.distributed import DistEnv, all_gather_object, setup_distributed
 from ..errors import OneLineParser
-from ..integrations.transformers import apply_neat, load_tokenizer
-from ..methods import NeatConfig
+from ..integrations.transformers import apply_adapter, load_tokenizer
 from .cli import (
     DTYPES,
     add_common_arguments,
     load_pretrained,
+    method_config_for,
     parse_args,
     run_main,
 )
 from .glue_data import TASKS, Example, get_task, load_glue
-from .loop import TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
+from .loop import (
+    TextTask,
+    check_output,
+    distribute,
+    make_optimizer,
+    prepare_model,
+    seed_rank,
+    train_text,
+)
 from .metrics import TASK_METRICS, glue_metrics, primary_metric
+
+METHODS = ("neat", "lora", "fourierft", "linear", "full")  # --method: linear trains the classifier head only
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m neat_vision.nlp.glue", description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser)
+    parser = OneLineParser(prog="neat-glue", description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, METHODS)
     parser.add_argument("--task", choices=list(TASKS))
     parser.add_argument("--data-dir", help="GLUE TSV folder (<data-dir>/CoLA/train.tsv, ...); default: datasets")
     parser.add_argument(
@@ -81,7 +95,6 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
     env = env or setup_distributed(args.device)
     device = env.device
     dtype = DTYPES[args.dtype]
-    neat = NeatConfig.coerce(args.neat)
     train_examples, dev_examples = load_glue(task, args.data_dir)
     torch.manual_seed(args.seed)
 
@@ -94,7 +107,7 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
     )
     if model.config.pad_token_id is None:  # decoder-only classifiers find the last token through it
         model.config.pad_token_id = tokenizer.pad_token_id
-    apply_neat(model, neat)
+    apply_method(model, args.method, method_config_for(args, model), apply=apply_adapter)
     model = prepare_model(model, device=device, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
     net = distribute(model, env)
     seed_rank(args.seed, env)
@@ -138,6 +151,7 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
     progress = train_text(text_task, evaluate, select_metric=metric)
     results = {
         "task": task.name,
+        "method": args.method,
         "metric": metric,
         "best": progress.best,
         "history": progress.history,

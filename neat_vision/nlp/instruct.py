@@ -1,15 +1,20 @@
-"""Instruction-tuning runner: NEAT on a causal LM (LLaMA-class), Commonsense170K / MetaMathQA, paper Tables 10/11.
+"""Instruction-tuning runner: NEAT (or LoRA, FourierFT, full) on a causal LM (LLaMA-class), Commonsense170K /
+MetaMathQA, paper Tables 10/11.
 
-    python -m neat_vision.nlp.instruct --config configs/instruct/commonsense.yaml \\
+    neat-instruct --config instruct/commonsense \\
         --model meta-llama/Llama-2-7b-hf --data commonsense_170k.json --eval-dir LLM-Adapters/dataset
 
+``--method`` picks what trains: ``neat`` (default), ``lora`` or ``fourierft`` on the same ``--neat-targets`` /
+``--neat-layers``, or ``full`` (every weight; ``last/`` is then a ``from_pretrained`` folder). There is no
+``linear``: a causal LM has no task head, and its pretrained vocabulary head is no linear probe (training it alone
+would retrain a ``vocab x hidden`` matrix, tied to the input embeddings in many models).
 Trains on the answer tokens of Alpaca-prompted records (LLM-Adapters JSON), AdamW with a linear schedule
 after ``--warmup-steps``, then answers each evaluation set (``<eval-dir>/<name>/test.json``) by generation
 and scores it (`neat_vision.nlp.answers`). ``--val-size`` records are held out for a validation loss after
 each epoch (the lowest one's adapter goes to ``best/``); the evaluation uses the final adapter (``last/``),
 merged into the base weights so that generating costs what the base model costs.
-``--eval-only --adapter DIR`` evaluates a trained adapter. Writes ``results.json``, ``eval/<name>.json``
-(every response and prediction), ``summary.csv``, ``tb/`` and ``checkpoint.pt`` (``--resume``).
+``--eval-only --adapter DIR`` evaluates a trained adapter (or a ``full`` run's folder). Writes ``results.json``,
+``eval/<name>.json`` (every response and prediction), ``summary.csv``, ``tb/`` and ``checkpoint.pt`` (``--resume``).
 Exit code 0 on success, 2 on a bad setting or file (one ``error:`` line), 3 when the run diverged (non-finite
 loss, gradients or weights; the last good checkpoint is kept).
 
@@ -36,26 +41,38 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
-from ..adapter import merge_and_unload, trainable_summary
+from ..adapter import apply_method, merge_and_unload, trainable_summary
 from ..engine.distributed import DistEnv, all_gather_object, all_reduce_sum, setup_distributed
 from ..errors import OneLineParser
-from ..integrations.transformers import apply_neat, load_adapter, load_tokenizer
-from ..methods import NeatConfig
+from ..integrations.transformers import apply_adapter, load_tokenizer
 from .answers import get_evaluator, reference_answer
 from .cli import (
     DTYPES,
     add_common_arguments,
     load_pretrained,
+    method_config_for,
     parse_args,
     run_main,
 )
 from .instruct_data import load_records, pad_batch, prompt, tokenize_record
-from .loop import TextTask, check_output, distribute, make_optimizer, prepare_model, seed_rank, train_text
+from .loop import (
+    TextTask,
+    check_output,
+    distribute,
+    load_trained,
+    make_optimizer,
+    prepare_model,
+    seed_rank,
+    train_text,
+)
+
+# --method: no linear (a causal LM has no task head; its vocabulary head is part of the pretrained model)
+METHODS = ("neat", "lora", "fourierft", "full")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m neat_vision.nlp.instruct", description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser)
+    parser = OneLineParser(prog="neat-instruct", description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, METHODS)
     parser.add_argument("--data", help="training records: JSON list or JSON lines of {instruction, input, output}")
     parser.add_argument("--micro-batch-size", type=int, help="examples per forward pass (default: --batch-size)")
     parser.add_argument("--warmup-steps", type=int, default=100)
@@ -68,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate --adapter")
-    parser.add_argument("--adapter", help="adapter folder to evaluate with --eval-only")
+    parser.add_argument("--adapter", help="adapter folder (or a full run's folder) to evaluate with --eval-only")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun; trains only)")
     return parser
 
@@ -166,10 +183,10 @@ def run_instruct(args: argparse.Namespace, env: DistEnv | None = None) -> dict[s
     out = Path(args.output)
     results: dict[str, Any] = {}
     if args.eval_only:
-        load_adapter(model, args.adapter)
+        load_trained(model, args.adapter)
         model = prepare_model(model, device=device, dtype=dtype, gradient_checkpointing=False)
     else:
-        apply_neat(model, NeatConfig.coerce(args.neat))
+        apply_method(model, args.method, method_config_for(args, model), apply=apply_adapter)
         place = torch.device("cpu") if args.fsdp else device  # FSDP moves each rank's shard to its device
         model = prepare_model(model, device=place, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
         results = _train(model, tokenizer, args, env)
@@ -249,7 +266,13 @@ def _train(model: Any, tokenizer: Any, args: argparse.Namespace, env: DistEnv) -
         text_task, evaluate if val else None, select_metric="val_loss" if val else None, maximize=False
     )
     model.config.use_cache = True
-    return {"history": progress.history, "best": progress.best, "train_examples": len(train), "val_examples": len(val)}
+    return {
+        "method": args.method,
+        "history": progress.history,
+        "best": progress.best,
+        "train_examples": len(train),
+        "val_examples": len(val),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

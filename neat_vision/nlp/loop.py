@@ -1,4 +1,5 @@
-"""What the NLP runners add to the one training loop (`neat_vision.engine.loop`): `TextTask` and `train_text`.
+"""What the NLP runners add to the one training loop (`neat_vision.engine.loop`): `TextTask` and `train_text`;
+each ``--method``'s optimizer groups and what a run saves (`save_trained`).
 
 Batches are a function of ``(seed, epoch)``; accumulation is exact (micro-batch losses summed, the gradient
 divided by the loss terms of the whole batch). Under torchrun every rank takes a contiguous shard of each global
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
@@ -22,19 +24,33 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from ..adapter import neat_parameters
-from ..adapter_files import describe_base, fingerprint, save_adapter
-from ..atomic import remove_stale_temporaries
+from ..adapter import adapter_parameters
+from ..adapter_files import AdapterMismatchError, describe_base, fingerprint, save_adapter
+from ..atomic import atomic_write, remove_stale_temporaries
 from ..engine.distributed import DistEnv
 from ..engine.loop import Diverged, EpochEnd, LoopSettings, Progress, ResumeError, TrainLoop
 from ..engine.options import option_differences
 from ..errors import one_line
+from ..integrations.transformers import load_adapter
+from ..methods import WHOLE_MODEL_METHODS
+from ..targets import head_names
 from .cli import DTYPES, run_config
 
-__all__ = ["CHECKPOINT", "Diverged", "Progress", "ResumeError", "TextTask", "train_text"]
+__all__ = [
+    "CHECKPOINT",
+    "Diverged",
+    "Progress",
+    "ResumeError",
+    "TextTask",
+    "load_trained",
+    "make_optimizer",
+    "save_trained",
+    "train_text",
+]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "neat-vision-nlp-checkpoint"
+EXPORT = "export.json"  # what a linear / full run saves instead of an adapter (train.py's export_trained files)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -201,11 +217,11 @@ class TextTask:
         self.save_adapter("best")
 
     def save_adapter(self, folder: str) -> None:
-        """Rank 0 writes the adapter to ``out/folder`` (the sharded tensors gathered on every rank first)."""
+        """Rank 0 writes what trained to ``out/folder`` (`save_trained`; sharded tensors gathered on every rank)."""
         base = getattr(self.model, "_neat_unsharded_base", None)
         tensors = {n: _full(q.detach()).cpu() for n, q in _trainable(self.model).items()} if base else None
         if self.env.is_main:
-            save_adapter(self.model, self.out / folder, tensors=tensors, base=base)
+            save_trained(self.model, self.out / folder, self.args, tensors=tensors, base=base)
 
     def checkpoint(self, progress: Progress) -> dict[str, Any]:
         """The resume state, full tensors (gathered on every rank under FSDP: the format of a DDP run)."""
@@ -251,7 +267,10 @@ class TextTask:
             for k, v in per.items():
                 if isinstance(v, Tensor) and v.shape == params[int(i)].shape:
                     per[k] = _like(v, params[int(i)])
+        names = [group.get("name") for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(optimizer)
+        for group, name in zip(self.optimizer.param_groups, names):  # older checkpoints call "adapter" "neat"
+            group["name"] = name
         self.scheduler.load_state_dict(state["scheduler"])
         return path, state, Progress(**state["progress"])
 
@@ -319,11 +338,86 @@ def prepare_model(
 
 
 def make_optimizer(model: nn.Module, lr: float, head_lr: float | None, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the tweakers at ``lr`` and every other trainable tensor (the head) at ``head_lr`` (or ``lr``)."""
-    tweaker_ids = {id(p) for _, p in neat_parameters(model)}
-    trainable = list(_trainable(model).values())
-    groups = [{"name": "neat", "params": [p for p in trainable if id(p) in tweaker_ids], "lr": lr}]
-    others = [p for p in trainable if id(p) not in tweaker_ids]
-    if others:
-        groups.append({"name": "head", "params": others, "lr": lr if head_lr is None else head_lr})
+    """AdamW over named groups: ``adapter``, the update parameters of any method, at ``lr``; ``head`` at
+    ``head_lr`` (default ``lr``); ``backbone`` at ``lr``. Empty groups are left out.
+
+    With an adapter, ``head`` is every other trainable tensor (the classifier and ``neat_trainable``'s, as when
+    NEAT was the only method); without one (``linear``, ``full``) it is the classifier's modules, and the other
+    weights (``full``) are ``backbone``.
+    """
+    update_ids = {id(p) for p in adapter_parameters(model)}
+    head_ids = {id(p) for name in head_names(model) for p in model.get_submodule(name).parameters()}
+    members: dict[str, list[nn.Parameter]] = {"adapter": [], "head": [], "backbone": []}
+    for p in _trainable(model).values():
+        kind = "adapter" if id(p) in update_ids else "head" if update_ids or id(p) in head_ids else "backbone"
+        members[kind].append(p)
+    lrs = {"adapter": lr, "head": lr if head_lr is None else head_lr, "backbone": lr}
+    groups = [{"name": name, "params": params, "lr": lrs[name]} for name, params in members.items() if params]
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no trainable tensor")
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def save_trained(
+    model: nn.Module,
+    folder: Path,
+    args: argparse.Namespace,
+    *,
+    tensors: dict[str, Tensor] | None = None,
+    base: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> Path:
+    """Write what ``args.method`` trained to ``folder``: the adapter (`save_adapter`) of an update method, else
+    train.py's export files: ``head.safetensors`` (``linear``: the head; the rest is the base model) or
+    ``model.safetensors`` with ``config.json`` (``full``: every weight, a ``from_pretrained`` folder), each with
+    ``export.json`` (method, model, class, labels, file). Sharded (FSDP) models pass their gathered ``tensors``
+    and ``base`` (see `save_adapter`). Each file is replaced whole or not at all.
+    """
+    from safetensors.torch import save_file
+
+    method = getattr(args, "method", "neat")
+    if method not in WHOLE_MODEL_METHODS:
+        return save_adapter(model, folder, tensors=tensors, base=base)
+    if tensors is None:
+        tensors = {name: p.detach() for name, p in _trainable(model).items()}
+    tensors = {name: t.cpu().contiguous() for name, t in tensors.items()}
+    described = base[0] if base is not None else describe_base(model)
+    file = "head.safetensors" if method == "linear" else "model.safetensors"
+    atomic_write(folder / file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    if method == "full":
+        config = json.loads(model.config.to_json_string())
+        config["architectures"] = [described.get("model_class", type(model).__name__)]
+        atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    meta = {
+        "method": method,
+        "model": args.model,
+        "model_class": described.get("model_class"),
+        "num_classes": described.get("num_labels"),
+        "file": file,
+    }
+    atomic_write(folder / EXPORT, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return folder
+
+
+def load_trained(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Load what a run saved (`save_trained`) onto ``model`` (the base it trained): an adapter folder, or the
+    head (``linear``) or every weight (``full``) of an ``export.json`` folder."""
+    folder = Path(folder)
+    if not (folder / EXPORT).is_file():
+        return load_adapter(model, folder)
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / EXPORT).read_text())
+    tensors = load_file(str(folder / meta["file"]))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    missing = sorted(set(params) - set(tensors)) if meta["method"] == "full" else []
+    wrong = [name for name in set(tensors) & set(params) if tensors[name].shape != params[name].shape]
+    if unknown or missing or wrong:
+        raise AdapterMismatchError(
+            f"{folder} ({meta['method']} of {meta.get('model')}) does not fit {type(model).__name__}: "
+            f"unknown tensors {unknown[:3]}, missing {missing[:3]}, other shapes {sorted(wrong)[:3]}"
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    return model
