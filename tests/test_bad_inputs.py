@@ -243,18 +243,18 @@ def _glue_torn_checkpoint(s: Shared, tmp: Path) -> list[str]:
 CASES = [
     # --- train.py: options
     Case("unknown-option", "train", _vision("--lr-neta", "1"), ("unrecognized arguments: --lr-neta", "--help")),
-    Case("negative-lr", "train", _vision("--lr-neat", "-1"), ("lr_neat=-1.0", "a finite number > 0")),
-    Case("zero-head-lr", "train", _vision("--lr-head", "0"), ("lr_head=0.0", "> 0")),
-    Case("nan-backbone-lr", "train", _vision("--method", "full", "--lr-backbone", "nan"), ("lr_backbone=nan",)),
-    Case("negative-weight-decay", "train", _vision("--weight-decay", "-0.1"), ("weight_decay=-0.1", ">= 0")),
+    Case("negative-lr", "train", _vision("--lr-neat", "-1"), ("--lr-neat=-1.0", "a finite number > 0")),
+    Case("zero-head-lr", "train", _vision("--lr-head", "0"), ("--lr-head=0.0", "> 0")),
+    Case("nan-backbone-lr", "train", _vision("--method", "full", "--lr-backbone", "nan"), ("--lr-backbone=nan",)),
+    Case("negative-weight-decay", "train", _vision("--weight-decay", "-0.1"), ("--weight-decay=-0.1", ">= 0")),
     Case("flip-probability", "train", _vision("--hflip", "1.5"), ("--hflip", "[0, 1]")),
-    Case("zero-clip", "train", _vision("--clip-grad", "0"), ("clip_grad=0.0",)),
-    Case("zero-epochs", "train", _vision("--epochs", "0"), ("epochs=0", "an integer >= 1")),
+    Case("zero-clip", "train", _vision("--clip-grad", "0"), ("--clip-grad=0.0",)),
+    Case("zero-epochs", "train", _vision("--epochs", "0"), ("--epochs=0", "an integer >= 1")),
     Case("not-an-int", "train", _vision("--epochs", "two"), ("--epochs", "invalid int value: 'two'")),
-    Case("zero-std", "train", _vision("--std", "0", "1", "1"), ("std=[0.0, 1.0, 1.0]",)),
-    Case("neat-rank", "train", _vision("--neat-rank", "0"), ("neat_rank=0", "an integer >= 1")),
-    Case("lora-dropout", "train", _vision("--method", "lora", "--lora-dropout", "1.5"), ("lora_dropout=1.5",)),
-    Case("zero-budget", "train", _vision("--param-budget", "0"), ("param_budget=0",)),
+    Case("zero-std", "train", _vision("--std", "0", "1", "1"), ("--std=[0.0, 1.0, 1.0]",)),
+    Case("neat-rank", "train", _vision("--neat-rank", "0"), ("--neat-rank=0", "an integer >= 1")),
+    Case("lora-dropout", "train", _vision("--method", "lora", "--lora-dropout", "1.5"), ("--lora-dropout=1.5",)),
+    Case("zero-budget", "train", _vision("--param-budget", "0"), ("--param-budget=0",)),
     Case("model-name", "train", _vision("--model", "vit_tinny_patch16_224"), ("vit_tinny", "vit_tiny_patch16_224")),
     Case("device-name", "train", _vision("--device", "gpu0"), ("device='gpu0' is not allowed",)),
     Case("device-absent", "train", _vision("--device", "cuda:99"), ("device='cuda:99'",)),
@@ -448,7 +448,7 @@ def test_the_script_itself_exits_2_with_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == EXIT_USAGE
     assert result.stderr.splitlines() == [
-        "error: lr_neat=-1.0 is not allowed: a finite number > 0 (see train.py --help)"
+        "error: --lr-neat=-1.0 is not allowed: a finite number > 0 (see train.py --help)"
     ]
     assert not list(tmp_path.iterdir())
 

@@ -6,6 +6,7 @@ unknown keys get suggestions; two spellings of one option fail naming both; noth
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,9 @@ def test_every_runner_reads_the_lora_and_fourier_names(runner, method, tmp_path)
     ],
 )
 def test_bad_lora_and_fourier_values_fail_alike_in_every_runner(runner, argv, expected, capsys):
+    if runner == "train":  # train.py names the flags as typed (--lora-dropout=1.5, --method='full')
+        flags = ("lora_dropout", "lora_rank", "fourier_n", "param_budget", "method")
+        expected = re.sub(rf"\b({'|'.join(flags)})=", lambda m: "--" + m[1].replace("_", "-") + "=", expected)
     with pytest.raises(SystemExit) as exit_info:
         _parse(runner, argv)
     assert exit_info.value.code == 2
@@ -236,3 +240,45 @@ def test_a_neat_runs_settings_are_recorded_as_before_and_other_methods_add_their
     assert (lora["method"], lora["lora"]) == ("lora", {"rank": 4}) and "neat" not in lora  # NEAT's own: not LoRA's
     full = run_config(_parse("instruct", ["--method", "full"]))
     assert full["method"] == "full" and not {"neat", "lora", "fourierft"} & set(full)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("lr: -1\n", "lr=-1.0 is not allowed: a finite number > 0"),  # not lr_neat: the file says lr
+        ("lr_adapter: 0\n", "lr_adapter=0.0 is not allowed"),
+        ("neat: {rank: 0}\n", "neat.rank=0 is not allowed: an integer >= 1"),  # the method config's own check
+        ("neat: {act: swish}\n", "neat.act='swish' is not allowed: one of"),
+        ("neat_depth: 3\n", "neat_depth=3 is not allowed: an even integer >= 2"),
+        ("clip_grad: 0\n", "clip_grad=0.0 is not allowed"),  # read as max_grad_norm's destination
+        ("max_grad_norm: 0\n", "max_grad_norm=0.0 is not allowed"),
+    ],
+)
+def test_a_config_files_value_errors_name_the_key_as_the_file_spells_it(text, expected, tmp_path, capsys):
+    (tmp_path / "base.yaml").write_text(text)
+    (tmp_path / "leaf.yaml").write_text("base: base.yaml\nepochs: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        _parse("train", ["--config", str(tmp_path / "leaf.yaml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'base.yaml'}: {expected}")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--lr", "-1"], "--lr=-1.0 is not allowed: a finite number > 0"),
+        (["--lr-neat=-1"], "--lr-neat=-1.0 is not allowed"),
+        (["--max-grad-norm", "0"], "--max-grad-norm=0.0 is not allowed"),
+        (["--neat-rank", "0"], "--neat-rank=0 is not allowed: an integer >= 1"),
+        (["--neat", "rank=0"], "--neat rank=0 is not allowed: an integer >= 1"),
+    ],
+)
+def test_a_command_lines_value_errors_name_the_flag_as_typed(argv, expected, tmp_path, capsys):
+    (tmp_path / "ok.yaml").write_text("lr: 0.1\nneat: {rank: 2}\n")  # overridden by the command line
+    for config in ([], ["--config", str(tmp_path / "ok.yaml")]):
+        with pytest.raises(SystemExit) as exit_info:
+            _parse("train", [*config, *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {expected}"), err

@@ -170,3 +170,98 @@ def test_export_of_a_transformers_adapter_is_save_pretrained_of_the_merged_model
     ids = torch.tensor([[1, 5, 9, 12, 2]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_predict_reports_every_skipped_input_by_reason_and_strict_fails(
+    trained_run: Path, tmp_path: Path, caplog, capsys
+) -> None:
+    """A .gif (animated) and a .txt in a folder, an unreadable .png, a missing file: listed, counted, or fatal."""
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    write_image(folder / "ok.png", seed=1, size=32)
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    (folder / "notes.txt").write_text("not an image\n")
+    write_corrupt(folder / "broken.png")
+    out = tmp_path / "preds.csv"
+    argv = ["--adapter", str(trained_run / "adapter"), "--output", str(out), "--workers", "0"]
+    caplog.set_level("INFO")
+    result = predict_main([*argv, str(folder), str(tmp_path / "gone.png")])
+    assert result.rows == 1
+    skipped = dict(result.skipped)
+    assert set(skipped) == {str(folder / n) for n in ("anim.gif", "notes.txt", "broken.png")} | {
+        str(tmp_path / "gone.png")
+    }
+    assert skipped[str(folder / "anim.gif")].startswith("not an image type: .gif file")
+    assert result.reasons == {"not an image type": 2, "no such file": 1, "unreadable image": 1}
+    counts = [r.getMessage() for r in caplog.records if "by reason" in r.getMessage()]
+    assert len(counts) == 1 and "2 not an image type" in counts[0] and "1 unreadable image" in counts[0]
+    assert "1 no such file" in counts[0]
+
+    # --strict: exit 2 with one line naming the problem, and no CSV
+    out.unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"^error: strict: 2 input\(s\) would be skipped: 2 not an image type") as info:
+        predict_main([*argv, "--strict", str(folder)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [str(info.value)]
+    assert not out.exists()
+    # an unreadable image found only when decoded fails the same way, and no partial CSV is left
+    with pytest.raises(SystemExit, match=r"^error: strict: 1 input\(s\) would be skipped: 1 unreadable image") as info:
+        predict_main([*argv, "--strict", str(folder / "ok.png"), str(folder / "broken.png")])
+    assert info.value.code == 2 and not out.exists()
+    assert not list(tmp_path.glob(".preds.csv.*.tmp"))
+
+
+def test_evaluate_lists_skipped_images_by_reason_and_strict_fails(trained_run: Path, tmp_path: Path) -> None:
+    shapes = Path(parse_args(["--config", str(trained_run / "args.yaml")]).data_dir)
+    data = tmp_path / "shapes"
+    shutil.copytree(shapes, data)
+    for i in range(6):
+        write_corrupt(data / "dots" / f"broken{i}.png")
+    (data / "wave" / "notes.txt").write_text("not an image\n")
+    (data / "wave" / "anim.gif").write_bytes(b"GIF89a")
+    options = {"workers": 0, "data_dir": str(data), "skip_corrupt": True}
+    for split in ("test", "val", "train"):
+        summary = evaluate_adapter(trained_run / "adapter", split=split, output=tmp_path / split, options=options)
+        if "unreadable image" in summary["skipped"]:
+            break
+    files = summary["skipped_files"]["unreadable image"]
+    assert all(Path(f).parent == data / "dots" and Path(f).name.startswith("broken") for f in files)
+    others = [str(data / "wave" / "anim.gif"), str(data / "wave" / "notes.txt")]
+    assert summary["skipped_files"]["not an image type"] == others
+    assert summary["skipped"] == {"not an image type": 2, "unreadable image": len(files)}
+    assert json.loads((tmp_path / split / "metrics.json").read_text())["skipped_files"] == summary["skipped_files"]
+    argv = ["--adapter", str(trained_run / "adapter"), "--split", split, "--workers", "0", "--data-dir", str(data)]
+    with pytest.raises(SystemExit, match=r"^error: strict: \d+ file\(s\) of dataset .* 2 not an image type") as info:
+        evaluate_main([*argv, "--skip-corrupt", "--strict", "--output", str(tmp_path / "strict")])
+    assert info.value.code == 2 and not (tmp_path / "strict").exists()
+
+
+def test_predict_on_a_full_disk_exits_2_in_one_line_and_keeps_the_earlier_csv(
+    trained_run: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import errno
+
+    out = tmp_path / "preds.csv"
+    out.write_text("earlier\n")
+    write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith(".preds.csv."):
+            write_text(self, "path,top1", newline="")  # a part, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    image = tmp_path / "one.png"
+    write_image(image, seed=3, size=32)
+    capsys.readouterr()
+    argv = ["--adapter", str(trained_run / "adapter"), "--output", str(out), "--workers", "0", str(image)]
+    with pytest.raises(SystemExit) as info:
+        predict_main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {out}: no space left on the device (")
+    assert out.read_text() == "earlier\n" and not list(tmp_path.glob(".preds.csv.*"))

@@ -98,15 +98,44 @@ def test_run_learns_writes_outputs_and_exports_a_loadable_adapter(tmp_path: Path
     assert again == final
 
 
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+def _count_steps(monkeypatch) -> list[int]:
+    """The global step after each optimizer step the loop takes from now on (proof of where a run restarted)."""
+    import neat_vision.engine.loop as loop_module
+
+    taken: list[int] = []
+    step = loop_module.TrainLoop._optimizer_step
+
+    def counted(loop, terms):
+        step(loop, terms)
+        taken.append(loop.progress.global_step + 1)
+
+    monkeypatch.setattr(loop_module.TrainLoop, "_optimizer_step", counted)
+    return taken
+
+
+def _resumed_from(caplog) -> list[int]:
+    found = (re.search(r"resumed from .*, step (\d+) ", r.getMessage()) for r in caplog.records)
+    return [int(m[1]) for m in found if m]
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, caplog) -> None:
+    caplog.set_level("INFO", logger="neat_vision.engine")
     whole = run(_args(tmp_path, "whole"))
+    taken = _count_steps(monkeypatch)
     # stop mid-epoch 1 (after 3 of 5 optimizer steps), resume with other worker counts, stop again in epoch 2
     stopped = run(_args(tmp_path, "parts", "--stop-after-steps", "3"))
     assert stopped["stopped_at_step"] == 3 and not (tmp_path / "parts" / "final.json").exists()
+    assert taken == [1, 2, 3] and _resumed_from(caplog) == []
+    taken.clear()
     again = run(_args(tmp_path, "parts", "--resume", "auto", "--stop-after-steps", "7", workers=2))
     assert again["stopped_at_step"] == 7
+    # it restarted from the checkpoint of step 3 and took steps 4..7 only
+    assert _resumed_from(caplog) == [3] and taken == [4, 5, 6, 7]
+    assert load_checkpoint(tmp_path / "parts" / "checkpoints" / "last.pth")["progress"]["step"] == 7
+    taken.clear()
     parts = run(_args(tmp_path, "parts", "--resume", "auto", workers=1))
-    assert _stable(parts) == _stable(whole)
+    assert _resumed_from(caplog) == [3, 7] and taken == [8, 9, 10]
+    assert _stable(parts) == _stable(whole) and parts["steps"] == 10
     a, b = (load_file(tmp_path / name / "adapter" / "adapter.safetensors") for name in ("whole", "parts"))
     assert a.keys() == b.keys()
     for key in a:

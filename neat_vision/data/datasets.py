@@ -87,6 +87,8 @@ class ImageDataset(Dataset, ABC):
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         self.classes = [str(c) for c in classes]
         self.skipped = 0
+        self.skipped_files: list[str] = []  # the files `drop_unreadable` dropped
+        self.ignored_files: list[str] = []  # files in the dataset's class folders that are not of an image type
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
             raise ValueError(
                 f"labels must lie in [0, {len(self.classes)}) for {len(self.classes)} classes, "
@@ -152,7 +154,9 @@ class FileImageDataset(ImageDataset):
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> FileImageDataset:
         idx = np.asarray(indices, dtype=np.int64)
-        return FileImageDataset([self.paths[i] for i in idx], self.labels[idx], self.classes)
+        part = FileImageDataset([self.paths[i] for i in idx], self.labels[idx], self.classes)
+        part.ignored_files = list(self.ignored_files)  # the folder's: they belong to no split
+        return part
 
     def drop_unreadable(self, num_threads: int = 8) -> FileImageDataset:
         workers = max(1, min(num_threads, os.cpu_count() or 1))
@@ -160,8 +164,9 @@ class FileImageDataset(ImageDataset):
             readable = np.fromiter(pool.map(_is_readable, self.paths), dtype=bool, count=len(self.paths))
         kept = self.subset(np.flatnonzero(readable))
         kept.skipped = self.skipped + int((~readable).sum())
+        bad = [p for p, ok in zip(self.paths, readable, strict=True) if not ok]
+        kept.skipped_files = [*self.skipped_files, *bad]
         if kept.skipped:
-            bad = [p for p, ok in zip(self.paths, readable, strict=True) if not ok]
             logger.warning("skipped %d unreadable image(s), e.g. %s", len(bad), ", ".join(bad[:5]))
         return kept
 
@@ -558,7 +563,15 @@ def _scan_folder(directory: Path, classes: Sequence[str] | None = None) -> FileI
         raise ValueError(f"{directory} has class folders {unknown} that are not in the training classes")
     samples = make_dataset(directory, {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS)
     paths, labels = zip(*samples, strict=True)
-    return FileImageDataset(paths, labels, classes)
+    dataset = FileImageDataset(paths, labels, classes)
+    dataset.ignored_files = sorted(
+        str(f)
+        for c in classes
+        if (directory / c).is_dir()
+        for f in (directory / c).rglob("*")
+        if f.is_file() and not f.name.lower().endswith(IMG_EXTENSIONS)
+    )
+    return dataset
 
 
 @register_dataset(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -138,14 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(path: str | Path, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
-    """The option values a YAML config (with its ``base:`` chain) sets, converted and checked."""
-    return read_values(path, parser or build_parser(), skip=_NOT_IN_YAML, check=_check_range)
+def load_config(
+    path: str | Path,
+    parser: argparse.ArgumentParser | None = None,
+    spellings: dict[str, tuple[Path, str]] | None = None,
+) -> dict[str, Any]:
+    """The option values a YAML config (with its ``base:`` chain) sets, converted and checked.
+
+    ``spellings`` receives, per option, the file and key that set it (see `read_values`).
+    """
+    return read_values(path, parser or build_parser(), skip=_NOT_IN_YAML, check=_check_range, spellings=spellings)
 
 
-def _check_range(key: str, value: Any, where: Path) -> None:
-    if key in RANGES and not RANGES[key][0](value):
-        raise ConfigFileError(f"{where}: {key}={value!r} is not allowed: {RANGES[key][1]}")
+def _check_range(dest: str, value: Any) -> str | None:
+    """What is allowed for option ``dest`` when ``value`` is out of its range (`RANGES`), else ``None``."""
+    if dest in RANGES and not RANGES[dest][0](value):
+        return RANGES[dest][1]
+    return None
 
 
 def _number(value: Any) -> bool:
@@ -207,18 +217,61 @@ def _check_method(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _finalize(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+def _as_given(
+    message: str, parser: argparse.ArgumentParser, argv: Sequence[str], spellings: Mapping[str, tuple[Path, str]]
+) -> str:
+    """``message`` with each ``option=`` named as given: the flag typed, or the config file's key (and file)."""
+    dests = {a.dest for a in parser._actions}
+    files: list[Path] = []
+
+    def name(match: re.Match) -> str:
+        dest = match[1]
+        if dest not in dests:
+            return match[0]
+        typed = _spelling(parser, dest, argv)
+        if typed == dest and dest in spellings:
+            where, typed = spellings[dest]
+            files.append(where)
+        return f"{typed}="
+
+    named = re.sub(r"(?<![\w.-])([a-z][a-z0-9_]*)=", name, message)
+    return f"{files[0]}: {named}" if files else named
+
+
+def _finalize(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str],
+    spellings: Mapping[str, tuple[Path, str]] | None = None,
+) -> argparse.Namespace:
+    spellings = spellings or {}
     settle_command_line(parser, args, argv)
     for name, (ok, allowed) in RANGES.items():
         value = getattr(args, name, None)
         if value is not None and not ok(value):
-            parser.error(f"{name}={value!r} is not allowed: {allowed}")
+            parser.error(f"{_spelling(parser, name, argv)}={value!r} is not allowed: {allowed}")
     if args.pretrained_file is not None and not args.pretrained:
         parser.error("pretrained_file is set but pretrained is false: drop one of them")
     for problem in (_check_model_name(args.model), device_problem_of(args.device), _check_method(args)):
         if problem is not None:
-            parser.error(problem)
+            parser.error(_as_given(problem, parser, argv, spellings))
     return args
+
+
+def _spelling(parser: argparse.ArgumentParser, dest: str, argv: Sequence[str]) -> str:
+    """How ``argv`` names option ``dest``: the flag as typed (the last one: it wins), else ``--neat FIELD`` for a
+    ``--neat FIELD=VALUE``, else ``dest`` (a config file's value is checked, naming its key, when it is read)."""
+    tokens = list(argv[: list(argv).index("--")] if "--" in argv else argv)
+    flags = {f for a in parser._actions if a.dest == dest for f in a.option_strings}
+    typed = [t.split("=", 1)[0] for t in tokens if t.split("=", 1)[0] in flags]
+    if typed:
+        return typed[-1]
+    if dest.startswith("neat_"):
+        field = dest.removeprefix("neat_")
+        pairs = zip(tokens, tokens[1:])
+        if any(a == "--neat" and b.partition("=")[0].strip() == field for a, b in pairs):
+            return f"--neat {field}"
+    return dest
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -228,12 +281,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pre.add_argument("-c", "--config", default=None)
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
+    spellings: dict[str, tuple[Path, str]] = {}
     if known.config is not None:
         try:
-            parser.set_defaults(**load_config(known.config, parser))
+            parser.set_defaults(**load_config(known.config, parser, spellings))
         except ConfigFileError as err:
             parser.error(str(err))
-    return _finalize(parser.parse_args(argv), parser, argv)
+    return _finalize(parser.parse_args(argv), parser, argv, spellings)
 
 
 def resolved_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,6 +9,11 @@ term count and the non-finite flags of the gradients (before the step) and weigh
 over ranks, so every rank stops alike: `Diverged` before a bad step is applied or bad weights are used, naming
 the last checkpoint after reading it back. Rank 0 writes the checkpoints atomically (with every rank's RNG state
 and the `Progress`), ``summary.csv``, TensorBoard and progress lines with an ETA.
+
+Preemption: while `TrainLoop.run` trains (in the main thread), SIGTERM, SIGUSR1 and SIGUSR2 only set a flag
+(repeats are ignored, the previous handlers come back afterwards). The flag rides in the step's host sync, so
+every rank stops after the same optimizer step (the one in progress, or the next when the signal came after
+that step's sync): the checkpoint is written as always (atomically) and `Preempted` raised (exit status 4).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import csv
 import io
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -34,10 +41,21 @@ from neat_vision.atomic import atomic_write
 from neat_vision.engine.checkpoint import CHECKPOINT_TENSORS, rng_state, save_checkpoint, set_rng_state
 from neat_vision.engine.distributed import DistEnv, all_gather_object, all_reduce_sum
 from neat_vision.engine.progress import Progress as ProgressBar
-from neat_vision.errors import Diverged, ResumeError
+from neat_vision.errors import PREEMPT_SIGNALS, Diverged, Preempted, ResumeError
 from neat_vision.finite import checkpoint_nonfinite, nonfinite_flag, nonfinite_names
 
-__all__ = ["Diverged", "EpochEnd", "LoopSettings", "Progress", "Progression", "ResumeError", "Task", "TrainLoop"]
+__all__ = [
+    "PREEMPT_SIGNALS",
+    "Diverged",
+    "EpochEnd",
+    "LoopSettings",
+    "Preempted",
+    "Progress",
+    "Progression",
+    "ResumeError",
+    "Task",
+    "TrainLoop",
+]
 
 logger = logging.getLogger("neat_vision.engine")
 
@@ -80,6 +98,7 @@ class LoopSettings:
     unit: str = "samples"  # what a loss term is, for the rate in progress lines
     checkpoint_option: str = "checkpoint_steps"  # named when a run diverges before its first checkpoint
     advice: str = "Lower the learning rate or clip the gradients"  # what a diverged run should try
+    resume_option: str = "--resume"  # how a preempted run continues
 
 
 @dataclass
@@ -162,6 +181,7 @@ class TrainLoop:
         self.rate = 0.0
         # 1.0 when the last optimizer step left a non-finite trainable tensor; read at the next host sync
         self._weights_flag: Tensor | None = None
+        self.signal: int | None = None  # the first stop signal this process received while training
 
     def elapsed(self) -> float:
         """Wall time of the run so far, over all its sessions."""
@@ -233,8 +253,47 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ the loop
 
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """For the block, `PREEMPT_SIGNALS` set ``self.signal`` (the first one; repeats are ignored)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # Python delivers signals to the main thread only
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.signal is None:
+                self.signal = signum
+                logger.warning(
+                    "received %s: stopping after this optimizer step and its checkpoint", signal.Signals(signum).name
+                )
+
+        previous = {sig: signal.signal(sig, handler) for sig in PREEMPT_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _preempt(self) -> Preempted:
+        """Checkpoint (every rank takes part) and say so."""
+        self.save()
+        p = self.progress
+        why = signal.Signals(self.signal).name if self.signal is not None else "a signal to another rank"
+        logger.info("preempted (%s): checkpoint of step %d written", why, p.global_step)
+        return Preempted(
+            f"preempted by {why} after optimizer step {p.global_step} (epoch {p.epoch + 1}, step {p.step_in_epoch} of "
+            f"it): checkpoint {self.settings.checkpoint} written; continue with {self.settings.resume_option}"
+        )
+
     def run(self) -> bool:
-        """Train the remaining epochs; ``True`` when stopped by ``stop_after_steps``."""
+        """Train the remaining epochs; ``True`` when stopped by ``stop_after_steps``; `Preempted` on a stop signal."""
+        with self._stop_signals():
+            stopped = self._run()
+        if self.signal is not None:  # it came after the last optimizer step: the run ends as it would have
+            logger.warning("%s came after the last optimizer step: finishing the run", signal.Signals(self.signal).name)
+        return stopped
+
+    def _run(self) -> bool:
         s, env = self.settings, self.env
         if env.is_main:
             if self.progress.history:  # the rows of the checkpointed epochs (a kill may have left more)
@@ -282,11 +341,13 @@ class TrainLoop:
         return stats[: len(stats) - len(trainable)]
 
     def _reduce(self, sums: Tensor) -> list[float]:
-        """Sync the gradients; ``[loss sum, loss terms, bad weights, bad gradients]`` over all ranks (one host sync)."""
+        """Sync the gradients; ``[loss sum, loss terms, bad weights, stop signals, bad gradients]`` over all ranks
+        (one host sync)."""
         task, env = self.task, self.env
         pending = self._weights_flag if self._weights_flag is not None else torch.zeros((), device=env.device)
         self._weights_flag = None
-        stats = torch.cat([sums, pending.double().view(1)])
+        stop = torch.full((1,), float(self.signal is not None), dtype=torch.float64, device=env.device)
+        stats = torch.cat([sums, pending.double().view(1), stop])
         if task.scaler is not None:
             task.scaler.unscale_(task.optimizer)  # inf gradients are the scaler's business: it skips that step
         summed = self.settings.sum_gradients and env.distributed and not self.fsdp
@@ -327,7 +388,7 @@ class TrainLoop:
         try:
             for n_micro, micro_batches in task.epoch_steps(p.epoch, p.step_in_epoch):
                 sums = self._accumulate(n_micro, micro_batches)
-                loss_sum, terms_sum, bad_weights, bad_grads = self._reduce(sums)
+                loss_sum, terms_sum, bad_weights, stop, bad_grads = self._reduce(sums)
                 terms = int(terms_sum)
                 mean_loss = loss_sum / max(terms, 1)
                 if bad_weights:
@@ -356,6 +417,8 @@ class TrainLoop:
                     for name, lr in lrs.items():
                         self.writer.add_scalar(f"lr/{name}", lr, p.global_step)
                     logged = [0.0, 0]
+                if stop:
+                    raise self._preempt()
                 if s.stop_after_steps is not None and p.global_step >= s.stop_after_steps:
                     self.save()
                     logger.info("stopped after %d steps (stop_after_steps); continue with --resume", p.global_step)

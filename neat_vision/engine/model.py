@@ -18,6 +18,7 @@ from torch import nn
 
 from neat_vision.adapter import apply_method, disable_adapter
 from neat_vision.adapter_files import save_adapter
+from neat_vision.atomic import atomic_write
 from neat_vision.batching import batch_tweakers
 from neat_vision.engine.method_options import method_config
 from neat_vision.layers import adapted_layers
@@ -138,7 +139,8 @@ def export_trained(model: nn.Module, args: argparse.Namespace, folder: Path) -> 
     else:
         file = "model.safetensors"
         tensors = model.state_dict()
-    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(folder / file))
+    tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+    atomic_write(folder / file, lambda tmp: save_file(tensors, tmp))
     meta = {
         "method": args.method,
         "model": args.model,
@@ -146,5 +148,5 @@ def export_trained(model: nn.Module, args: argparse.Namespace, folder: Path) -> 
         "num_classes": getattr(model, "num_classes", None),
         "file": file,
     }
-    (folder / "export.json").write_text(json.dumps(meta, indent=2))
+    atomic_write(folder / "export.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return folder

@@ -177,26 +177,31 @@ def read_values(
     path: str | Path,
     parser: argparse.ArgumentParser,
     skip: Iterable[str] = (),
-    check: Callable[[str, Any, Path], None] | None = None,
+    check: Callable[[str, Any], str | None] | None = None,
+    spellings: dict[str, tuple[Path, str]] | None = None,
 ) -> dict[str, Any]:
     """The option values (by destination) a config and its ``base:`` chain set, converted and checked.
 
     ``neat: {FIELD: value}`` becomes the key ``neat_FIELD``; keys set only by ``parser.set_defaults`` (not
-    options) pass as they are; ``check(dest, value, file)`` raises `ConfigFileError` for a value out of range.
+    options) pass as they are; ``check(dest, value)`` says what is allowed when a value is out of range (else
+    ``None``). Every error names the key as the file spells it (``lr: -1`` is ``lr``, not its destination
+    ``lr_neat``; ``neat: {rank: 0}`` is ``neat.rank``). ``spellings``, when given, receives per destination the
+    file and the key that set it last, so later checks can name them too.
     """
     keys = option_keys(parser, skip)
     plain = {k for k in parser._defaults if k not in keys}
     merged: dict[str, Any] = {}
     for where, data in read_layers(path):
         spelled: dict[str, str] = {}
-        for key, value in _expand_neat(data, where):
+        for key, value, written in _expand_neat(data, where):
             if key in plain:
                 dest = key
             elif key in keys:
                 dest = keys[key].dest
-                value = convert(keys[key], key, value, where)
-                if check is not None and value is not None:
-                    check(dest, value, where)
+                value = convert(keys[key], written, value, where)
+                allowed = check(dest, value) if check is not None and value is not None else None
+                if allowed is not None:
+                    raise ConfigFileError(f"{where}: {written}={value!r} is not allowed: {allowed}")
             else:
                 raise ConfigFileError(
                     f"{where}: unknown key {key!r}{did_you_mean(key, [*keys, *plain])} "
@@ -206,19 +211,22 @@ def read_values(
                 raise ConfigFileError(f"{where}: {spelled[dest]} and {key} set the same option: keep one")
             spelled[dest] = key
             merged[dest] = value
+            if spellings is not None:
+                spellings[dest] = (where, written)
     return merged
 
 
-def _expand_neat(data: Mapping[str, Any], where: Path) -> list[tuple[str, Any]]:
+def _expand_neat(data: Mapping[str, Any], where: Path) -> list[tuple[str, Any, str]]:
+    """``(key, value, spelling)`` per setting: ``neat: {rank: 4}`` is ``("neat_rank", 4, "neat.rank")``."""
     items = []
     for key, value in data.items():
         if key != "neat":
-            items.append((str(key), value))
+            items.append((str(key), value, str(key)))
             continue
         if not isinstance(value, Mapping):
             allowed = "a mapping of NeatConfig fields, e.g. {rank: 8}"
             raise ConfigFileError(f"{where}: neat={value!r} is not allowed: {allowed}")
-        items.extend((f"neat_{field}", field_value) for field, field_value in value.items())
+        items.extend((f"neat_{field}", field_value, f"neat.{field}") for field, field_value in value.items())
     return items
 
 

@@ -35,7 +35,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 from neat_vision.adapter import delta_norms, trainable_summary
-from neat_vision.atomic import remove_stale_temporaries
+from neat_vision.atomic import DiskWriteError, disk_write_error, remove_stale_temporaries
 from neat_vision.engine.args import resolved_config
 from neat_vision.engine.checkpoint import (
     atomic_write,
@@ -59,6 +59,7 @@ from neat_vision.engine.optim import build_optimizer, build_scheduler
 from neat_vision.engine.plan import Plan, dry_run, log_plan, make_plan
 from neat_vision.engine.progress import format_seconds
 from neat_vision.errors import Diverged, ResumeError, one_line
+from neat_vision.run_lock import shared_folder_lock
 
 __all__ = ["NonFiniteLossError", "VisionTask", "run"]
 
@@ -150,19 +151,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         run_dir = _run_dir(args, env)
         _check_writable(run_dir, "experiment")
-        final_file = run_dir / "final.json"
-        if args.resume == "auto" and final_file.is_file():
-            logger.info("%s is finished; its results: %s", run_dir, final_file)
-            return json.loads(final_file.read_text())
-        task, loop = VisionTask.build(args, env, run_dir)
-        try:
-            if loop.run():
-                return {"stopped_at_step": loop.progress.global_step, "output_dir": str(run_dir)}
-            return task.finish(loop)
-        finally:
-            loop.close()
+        with shared_folder_lock(run_dir, "run", env.is_main, lambda obj: broadcast_object(obj, env)):
+            final_file = run_dir / "final.json"
+            if args.resume == "auto" and final_file.is_file():
+                logger.info("%s is finished; its results: %s", run_dir, final_file)
+                return json.loads(final_file.read_text())
+            task, loop = VisionTask.build(args, env, run_dir)
+            return _train(task, loop)
     finally:
         env.close()
+
+
+def _train(task: VisionTask, loop: TrainLoop) -> dict[str, Any]:
+    """Run ``loop`` and finish the run; a full disk or refused write anywhere is one `DiskWriteError`.
+
+    Files go through `atomic_write` (its `DiskWriteError` names them); TensorBoard writes its event file in a
+    thread and raises a bare ``OSError`` at the next scalar, flush or close, named here as that event file.
+    Closing TensorBoard after a failure never hides that failure.
+    """
+    events = _tensorboard_file(loop)
+    try:
+        if loop.run():
+            result = {"stopped_at_step": loop.progress.global_step, "output_dir": str(task.run_dir)}
+        else:
+            result = task.finish(loop)
+    except BaseException as err:
+        events = _tensorboard_file(loop) or events
+        with contextlib.suppress(Exception):  # TensorBoard failing to close (a full disk) must not hide `err`
+            loop.close()
+        refused = _refused_write(err, task.run_dir, events)
+        if refused is not None:
+            raise refused from err
+        raise
+    events = _tensorboard_file(loop) or events
+    try:
+        loop.close()
+    except OSError as err:
+        refused = _refused_write(err, task.run_dir, events)
+        if refused is not None:
+            raise refused from err
+        raise
+    return result
+
+
+def _tensorboard_file(loop: TrainLoop) -> Path | None:
+    """The event file ``loop`` writes TensorBoard to (``None``: none open; its folder when unknown)."""
+    writer = loop.writer
+    if writer is None:
+        return None
+    name = getattr(getattr(getattr(writer, "file_writer", None), "event_writer", None), "_file_name", None)
+    return Path(name) if name else Path(writer.get_logdir())
+
+
+def _refused_write(err: BaseException, run_dir: Path, events: Path | None = None) -> DiskWriteError | None:
+    """A full disk or refused write that did not come through `atomic_write` (TensorBoard's event file).
+
+    TensorBoard re-raises its writer thread's ``OSError`` (without a file name): it is named as ``events`` when
+    known, else as the run folder.
+    """
+    if not isinstance(err, OSError) or isinstance(err, DiskWriteError):
+        return None
+    return disk_write_error(err, Path(err.filename) if err.filename else (events or run_dir), atomic=False)
 
 
 @dataclass
@@ -225,6 +274,7 @@ class VisionTask:
             select_metric="val_top1",
             unit="img",
             checkpoint_option="checkpoint_interval",
+            resume_option="--resume auto",
             advice=(
                 f"Lower lr_neat={args.lr_neat:g} / lr_head={args.lr_head:g}, or set clip_grad (now {args.clip_grad}), "
                 "and start a new run (a resumed run keeps the options)"
@@ -237,7 +287,8 @@ class VisionTask:
             run_dir.mkdir(parents=True, exist_ok=True)
             for folder in (run_dir, checkpoints, run_dir / "adapter"):
                 remove_stale_temporaries(folder)
-            (run_dir / "args.yaml").write_text(yaml.safe_dump(resolved_config(args), sort_keys=False))
+            config = yaml.safe_dump(resolved_config(args), sort_keys=False)
+            atomic_write(run_dir / "args.yaml", lambda tmp: Path(tmp).write_text(config))
             sizes = {split: len(ds) for split, ds in datasets.items()}
             log_plan(args, trainable_summary(model), optimizer.param_groups, sizes, plan, env.world_size)
             logger.info("outputs in %s", run_dir)
@@ -381,6 +432,7 @@ class VisionTask:
                 writer.add_scalar("test/top5", test["top5"], state.global_step)
                 metrics = {f"hparam/{k}": final[k] for k in ("test_top1", "best_val_top1", "val_top1")}
                 writer.add_hparams(_hparams(args, env), metrics, run_name=".")
+                writer.flush()  # TensorBoard's write errors surface now, before final.json marks the run finished
             atomic_write(self.run_dir / "final.json", lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
             logger.info(
                 "test top-1 %.2f%% (top-5 %.2f%%) | best val top-1 %.2f%% at epoch %d | %s | outputs in %s",

@@ -15,6 +15,7 @@ method's config once and carries it in ``args.method_config`` (``--param-budget`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.distributed import DistEnv, setup_distributed
+from ..engine.distributed import DistEnv, broadcast_object, setup_distributed
 from ..engine.method_options import (
     add_method_arguments,
     all_method_options,
@@ -37,6 +38,7 @@ from ..engine.progress import log_to_stdout
 from ..errors import USER_ERRORS, OneLineParser, device_problem_of, exit_status, one_line
 from ..integrations.transformers_presets import preset_aliases
 from ..methods import METHODS, AdapterConfig, ConfigError, method_names
+from ..run_lock import shared_folder_lock
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -192,6 +194,16 @@ def exit_code(err: BaseException) -> int:
     return exit_status(err)
 
 
+def _output_lock(args: argparse.Namespace, env: DistEnv) -> contextlib.AbstractContextManager:
+    """The lock of ``--output`` for the run (rank 0 holds it); none when the path is blocked by a file (the run
+    reports that itself, in its own words)."""
+    out = Path(args.output)
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        return contextlib.nullcontext()
+    return shared_folder_lock(out, "run", env.is_main, lambda obj: broadcast_object(obj, env))
+
+
 def run_main(
     run: Callable[[argparse.Namespace, DistEnv], dict[str, Any]], args: argparse.Namespace
 ) -> tuple[int, dict[str, Any] | None]:
@@ -203,7 +215,8 @@ def run_main(
     env = None
     try:
         env = setup_distributed(args.device)
-        results = run(args, env)
+        with _output_lock(args, env):
+            results = run(args, env)
     except USER_ERRORS as err:
         return exit_code(err), None
     finally:

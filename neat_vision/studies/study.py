@@ -21,17 +21,23 @@ Each run gets ``<output>/points/<name>.yaml`` (``base:`` plus its options) and t
 ``train_command --config <that> --output <output> --experiment <name> --resume auto`` into
 ``<output>/<name>/``; a run whose ``final.json`` exists is skipped, an interrupted one resumes. The study
 then writes ``results.csv``, ``results.md``, ``plot_<axis>.png`` and TensorBoard hparams in ``tb_hparams/``.
+
+A running study holds the lock of its folder (`neat_vision.run_lock`): a second study on it exits 2 naming
+the first. The local runner forwards SIGTERM, SIGUSR1 and SIGUSR2 to its running runs, which checkpoint and
+exit 4, starts no further run, and exits 4 itself; rerunning the study resumes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neat_vision.errors import EXIT_PREEMPTED, PREEMPT_SIGNALS, FolderInUse, Preempted, exit_status, one_line
+from neat_vision.run_lock import folder_lock
 from neat_vision.studies.runs import (
     EXECUTORS,
     METRICS,
@@ -138,6 +146,7 @@ class _Runner:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.procs: set[subprocess.Popen] = set()
+        self.signal: int | None = None  # the stop signal received (forwarded to the running children)
 
     def describe(self) -> str:
         if self.study.gpus is None:
@@ -152,7 +161,7 @@ class _Runner:
             parts.append(f"in {len(on_cpu)} CPU slot(s) (GPU id(s) {missing}: {why})")
         return " and ".join(parts)
 
-    def _launch(self, point: Point, slot: Slot) -> int:
+    def _launch(self, point: Point, slot: Slot) -> int | None:
         cmd = point_command(self.study, point)
         env = dict(os.environ)
         if slot.visible is not None:
@@ -160,8 +169,10 @@ class _Runner:
         with open(log_path(self.study, point), "a") as out:
             out.write(f"$ {shlex.join(cmd)}\n")
             out.flush()
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-            with self.lock:
+            with self.lock:  # a stop signal forwards to every child started (under this lock) before it
+                if self.stop.is_set():
+                    return None
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
                 self.procs.add(proc)
             code = proc.wait()
             with self.lock:
@@ -179,24 +190,52 @@ class _Runner:
             print(f"[study] {index}/{self.progress.total} start {point.name}{slot.where()}", flush=True)
             start = time.monotonic()
             code = self._launch(point, slot)
+            if code is None:  # stopped before it started
+                return
+            if code == EXIT_PREEMPTED and self.signal is not None:
+                print(f"[study] {index}/{self.progress.total} {point.name} preempted: checkpointed", flush=True)
+                return
             with self.lock:
                 self.progress.finish(index, point, code, time.monotonic() - start)
 
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal is None:
+            self.signal = signum
+            self.stop.set()
+
     def run(self) -> list[str]:
-        """Run every pending point; return the names of those that failed."""
+        """Run every pending point; return the names of those that failed.
+
+        SIGTERM, SIGUSR1 or SIGUSR2 (in the main thread) start no further run and are forwarded to the running
+        ones, which checkpoint and exit 4; ``self.signal`` then names it. Ctrl-C terminates them.
+        """
         threads = [threading.Thread(target=self._worker, args=(s,), daemon=True) for s in self.slots]
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPT_SIGNALS}
         for t in threads:
             t.start()
+        forwarded = False
         try:
             for t in threads:
                 while t.is_alive():
                     t.join(0.5)
+                    if self.signal is not None and not forwarded:
+                        forwarded = True
+                        name = signal.Signals(self.signal).name
+                        print(f"[study] received {name}: forwarded to the running runs; they checkpoint", flush=True)
+                        with self.lock:
+                            for proc in self.procs:
+                                proc.send_signal(self.signal)
         except KeyboardInterrupt:
             self.stop.set()
             with self.lock:
                 for proc in self.procs:
                     proc.terminate()
             raise
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
         return self.progress.failed
 
 
@@ -380,7 +419,15 @@ def _runner(study: Study, pending: list[Point]) -> Any:
 
 
 def run_study(study: Study, *, dry_run: bool = False) -> int:
-    """Run the study's unfinished points, then report; return 0, or 1 when some run failed."""
+    """Run the study's unfinished points, then report; return 0, or 1 when some run failed.
+
+    Holds the lock of the study folder (`FolderInUse` when another process does); `Preempted` after a stop
+    signal (SIGTERM, SIGUSR1, SIGUSR2) was forwarded to the running runs and they ended."""
+    with contextlib.nullcontext() if dry_run else folder_lock(study.output, "study"):
+        return _run_study(study, dry_run=dry_run)
+
+
+def _run_study(study: Study, *, dry_run: bool) -> int:
     points = study.points()
     if study.default_command:
         _check_with_engine(study, points)
@@ -400,6 +447,12 @@ def run_study(study: Study, *, dry_run: bool = False) -> int:
     if out["runs"]:
         print(f"[study] {out['runs']} finished runs -> {out['csv']}, {out['markdown']}, {len(out['plots'])} plot(s)")
         print(out["table"], end="")
+    stopped = getattr(runner, "signal", None)
+    if stopped is not None:
+        raise Preempted(
+            f"study {study.output} stopped by {signal.Signals(stopped).name}: the runs in progress were forwarded "
+            "it and checkpointed; rerun the study to resume them"
+        )
     if failed:
         print(f"[study] {len(failed)} run(s) failed: {', '.join(failed)} (rerun the study to retry them)")
         return 1
@@ -441,6 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_study(study, dry_run=args.dry_run)
     except StudyError as err:
         parser.error(str(err))
+    except (FolderInUse, Preempted) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        return exit_status(err)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,17 @@ as ``train.py``, so a run's test split gives its ``final.json`` numbers); per-cl
 matrix come from the same pass. The dataset options are ``train.py``'s (``--dataset``, ``--data-dir``,
 ``--seed`` for the split, ``--skip-corrupt``, data-config overrides, ...) and default to the run's ``args.yaml``.
 Writes ``metrics.json``, ``confusion.csv`` and ``confusion.png`` (with matplotlib, the ``plots`` extra) to
-``--output`` (default: ``eval_<split>`` next to the adapter folder).
+``--output`` (default: ``eval_<split>`` next to the adapter folder), each whole or not at all. Images the split
+skips (unreadable ones, with ``--skip-corrupt``) and the files of other types in a folder dataset's class folders
+are logged and listed by reason in the summary (``skipped``: reason -> count, ``skipped_files``: reason ->
+paths); ``--strict`` fails instead (exit 2, one line).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,6 +28,7 @@ from tqdm import tqdm
 
 from neat_vision.adapter import merge_and_unload
 from neat_vision.adapter_files import AdapterMismatchError, read_adapter_config
+from neat_vision.atomic import atomic_write
 from neat_vision.data import SPLITS, build_dataset, build_loader, build_transforms
 from neat_vision.engine.distributed import DistEnv
 from neat_vision.engine.metrics import evaluate
@@ -124,7 +129,7 @@ def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path: Path, ti
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -138,12 +143,14 @@ def evaluate_adapter(
     merge: bool = False,
     pretrained_file: str | Path | None = None,
     options: dict[str, Any] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``adapter`` on ``split``; write and return the summary (also ``metrics.json`` in ``output``).
 
     ``options`` are ``train.py`` option values (see ``SHARED``); missing ones come from the run's ``args.yaml``,
     then ``train.py``'s defaults (``device``: ``cuda`` when available, else ``cpu``). ``merge`` evaluates the
-    merged model (faster; equal up to float rounding), by default the adapter as trained.
+    merged model (faster; equal up to float rounding), by default the adapter as trained. Skipped images are
+    logged and listed by reason (``skipped``, ``skipped_files``); ``strict`` raises ``ValueError`` instead.
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not allowed: one of {', '.join(SPLITS)}")
@@ -165,6 +172,26 @@ def evaluate_adapter(
         download=opts["download"],
         skip_corrupt=opts["skip_corrupt"],
     )
+    skipped_files = {
+        reason: list(files)
+        for reason, files in (
+            ("not an image type", getattr(dataset, "ignored_files", [])),  # in the class folders, never loaded
+            ("unreadable image", getattr(dataset, "skipped_files", [])),  # dropped by --skip-corrupt
+        )
+        if files
+    }
+    if skipped_files:
+        total = sum(len(files) for files in skipped_files.values())
+        counts = ", ".join(f"{len(files)} {reason} (e.g. {files[0]})" for reason, files in skipped_files.items())
+        if strict:
+            raise ValueError(
+                f"strict: {total} file(s) of dataset {opts['dataset']!r} would be skipped evaluating split "
+                f"{split!r}: {counts}; fix or remove them, or drop --strict to skip them"
+            )
+        for reason, files in skipped_files.items():
+            for file in files:
+                logger.warning("skipped %s: %s", file, reason)
+        logger.warning("skipped %d file(s) by reason: %s", total, counts)
     trained = open_adapter(adapter, pretrained_file=pretrained_file, options=run)
     device = pick_device(given.device)  # not the run's: it may have trained on another machine
     model = (merge_and_unload(trained.model) if merge else trained.model).to(device)
@@ -188,10 +215,11 @@ def evaluate_adapter(
 
     folder = Path(output) if output is not None else Path(adapter).parent / f"eval_{split}"
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "confusion.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *names])
-        writer.writerows([name, *row] for name, row in zip(names, confusion.tolist()))
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["true \\ predicted", *names])
+    writer.writerows([name, *row] for name, row in zip(names, confusion.tolist()))
+    atomic_write(folder / "confusion.csv", lambda tmp: Path(tmp).write_text(table.getvalue(), newline=""))
     plot = None
     try:
         title = f"{opts['dataset']} {split}: top-1 {metrics['top1']:.2f}%"
@@ -213,8 +241,10 @@ def evaluate_adapter(
         "per_class": classes,
         "confusion_csv": "confusion.csv",
         "confusion_png": plot,
+        "skipped": {reason: len(files) for reason, files in skipped_files.items()},
+        "skipped_files": skipped_files,
     }
-    (folder / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(folder / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     logger.info(
         "%s %s: top-1 %.2f%% top-5 %.2f%% loss %.4f on %d images; %s",
         opts["dataset"],
@@ -243,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="evaluate the merged model (faster; equal up to float rounding)",
     )
+    p.add_argument(
+        "--strict", action="store_true", help="fail (exit 2) instead of skipping an unreadable image (--skip-corrupt)"
+    )
     return p
 
 
@@ -257,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             merge=args.merge,
             pretrained_file=args.pretrained_file,
             options={k: getattr(args, k) for k in SHARED},
+            strict=args.strict,
         )
 
     return run_tool(build_parser(), argv, work, (AdapterMismatchError, OSError, ValueError))

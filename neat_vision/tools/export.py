@@ -22,6 +22,7 @@ from typing import Any
 
 from neat_vision.adapter import merge_and_unload
 from neat_vision.adapter_files import AdapterMismatchError
+from neat_vision.atomic import DiskWriteError, disk_write_error
 from neat_vision.tools.trained import DATA_CONFIG_OPTIONS, Trained, console_script, open_adapter, run_tool, tool_parser
 
 __all__ = ["export_adapter", "export_timm", "export_transformers", "main"]
@@ -76,10 +77,16 @@ def export_adapter(
 ) -> Path:
     """Export ``adapter`` merged into its base model to the folder ``output`` (timm hub layout, or HF's)."""
     trained = open_adapter(adapter, pretrained_file=pretrained_file)
-    if trained.library == "timm":
-        folder = export_timm(trained, output, overrides)
-    else:
-        folder = export_transformers(trained, output)
+    try:
+        if trained.library == "timm":
+            folder = export_timm(trained, output, overrides)
+        else:
+            folder = export_transformers(trained, output)
+    except Exception as err:  # a full disk or a refused write: one line naming the folder and the free space
+        refused = disk_write_error(err, Path(output) / "model.safetensors", atomic=False)
+        if refused is not None:
+            raise refused from err
+        raise
     logger.info("exported the merged %s model to %s", trained.library, folder)
     return folder
 
@@ -102,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         overrides = {k: getattr(args, k) for k in DATA_CONFIG_OPTIONS}
         return export_adapter(args.adapter, args.output, pretrained_file=args.pretrained_file, overrides=overrides)
 
-    return run_tool(build_parser(), argv, work, (AdapterMismatchError, FileNotFoundError, ValueError))
+    return run_tool(build_parser(), argv, work, (AdapterMismatchError, FileNotFoundError, DiskWriteError, ValueError))
 
 
 cli = console_script(main)

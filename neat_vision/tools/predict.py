@@ -5,15 +5,19 @@ path per line, relative paths taken from the list's folder, blank lines and ``#`
 gets one CSV row: its path, then the top-k class names and probabilities. Images go through the model's eval
 transform (timm's ``resolve_data_config`` with the run's overrides, the same resize and centre crop as
 ``train.py``'s evaluation) in batches on any device; the adapter is merged into a plain model first unless
-``--no-merge``. An image that cannot be found, read or transformed is reported and skipped; the others are
-still predicted.
+``--no-merge``. Every input that is not predicted is reported and skipped, by reason (`SKIP_REASONS`: no such
+file, not an image type -- a ``.gif`` or ``.txt`` in a folder included --, unreadable image, ...), in the log
+(one line per input and one with the counts) and in the result (`Prediction.skipped`, `Prediction.reasons`); the
+others are still predicted. ``--strict`` fails instead (exit 2, one line), writing no CSV.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ from tqdm import tqdm
 
 from neat_vision.adapter import merge_and_unload
 from neat_vision.adapter_files import AdapterMismatchError, read_adapter_config
+from neat_vision.atomic import DiskWriteError, atomic_write
 from neat_vision.data import CorruptImageError, build_transforms, read_rgb
 from neat_vision.tools.trained import (
     autocast_for,
@@ -38,7 +43,7 @@ from neat_vision.tools.trained import (
     tool_parser,
 )
 
-__all__ = ["Prediction", "collect_images", "main", "predict"]
+__all__ = ["SKIP_REASONS", "Prediction", "SkippedInputsError", "collect_images", "main", "predict"]
 
 logger = logging.getLogger("neat_vision.tools.predict")
 
@@ -46,30 +51,66 @@ logger = logging.getLogger("neat_vision.tools.predict")
 SHARED = ("img_size", "crop_pct", "interpolation", "mean", "std", "batch_size", "workers", "amp", "device")
 
 
+# why an input is skipped: each problem reads "<reason>: <detail>"
+SKIP_REASONS = (
+    "no such file",  # an input or a listed path that does not exist (or is not a file)
+    "not an image type",  # a file in a folder whose type is not an image one (.gif, .txt, ...), or not a list
+    "no image files",  # a folder without image files
+    "unreadable image",  # an image file that cannot be decoded
+    "untransformable image",  # decoded, but the eval transform failed on it
+)
+
+
+class SkippedInputsError(ValueError):
+    """``--strict``: inputs would be skipped (a user error: exit 2, one line)."""
+
+
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS
 
 
+def _problem(reason: str, detail: str) -> str:
+    assert reason in SKIP_REASONS, reason
+    return f"{reason}: {detail}"
+
+
+def _not_an_image(path: Path) -> str:
+    kind = f"{path.suffix.lower()} file" if path.suffix else "a file without an extension"
+    return _problem("not an image type", f"{kind}; image types: {', '.join(IMG_EXTENSIONS)}")
+
+
+def reason_of(problem: str) -> str:
+    """The `SKIP_REASONS` entry a skipped input's problem starts with."""
+    return problem.partition(":")[0]
+
+
 def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The image files ``inputs`` name (files, folders, file lists), in order, and ``(path, problem)`` pairs."""
+    """The image files ``inputs`` name (files, folders, file lists), in order, and ``(path, problem)`` pairs.
+
+    Every file of a folder that is not predicted is a problem too (``not an image type``).
+    """
     images: list[Path] = []
     problems: list[tuple[str, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_image(p))
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            found = [p for p in files if _is_image(p)]
+            problems.extend((str(p), _not_an_image(p)) for p in files if not _is_image(p))
             if not found:
-                problems.append((str(path), f"folder holds no image files ({', '.join(IMG_EXTENSIONS)})"))
+                problems.append(
+                    (str(path), _problem("no image files", f"folder holds none ({', '.join(IMG_EXTENSIONS)})"))
+                )
             images.extend(found)
         elif not path.exists():
-            problems.append((str(path), "no such file or folder"))
+            problems.append((str(path), _problem("no such file", "no such file or folder")))
         elif _is_image(path):
             images.append(path)
         else:
             try:
                 lines = path.read_text(encoding="utf-8").splitlines()
             except UnicodeDecodeError:
-                problems.append((str(path), f"neither an image file ({', '.join(IMG_EXTENSIONS)}) nor a text list"))
+                problems.append((str(path), _problem("not an image type", "neither an image file nor a text list")))
                 continue
             for line in lines:
                 entry = line.strip()
@@ -77,10 +118,12 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple
                     continue
                 listed = Path(entry).expanduser()
                 listed = listed if listed.is_absolute() else path.parent / listed
-                if listed.is_file():
+                if not listed.is_file():
+                    problems.append((str(listed), _problem("no such file", f"listed in {path}: not a file")))
+                elif _is_image(listed):
                     images.append(listed)
                 else:
-                    problems.append((str(listed), f"listed in {path}: not a file"))
+                    problems.append((str(listed), f"{_not_an_image(listed)} (listed in {path})"))
     return images, problems
 
 
@@ -97,9 +140,9 @@ class _ImageFiles(Dataset):
         try:
             return index, self.transform(read_rgb(self.paths[index]))
         except CorruptImageError as err:
-            return index, f"unreadable image ({err.__cause__ or err})"
+            return index, _problem("unreadable image", str(err.__cause__ or err))
         except Exception as err:  # one bad image must not stop the others (decoders raise many kinds)
-            return index, f"{type(err).__name__}: {err}"
+            return index, _problem("untransformable image", f"{type(err).__name__}: {err}")
 
 
 def _collate(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], torch.Tensor | None, list]:
@@ -111,11 +154,36 @@ def _collate(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], to
 
 @dataclass
 class Prediction:
-    """What a `predict` call wrote: the CSV, how many rows, and the inputs it skipped with the reason."""
+    """What a `predict` call wrote: the CSV, how many rows, and the inputs it skipped: ``(path, problem)``.
+
+    ``problem`` reads ``"<reason>: <detail>"`` (a `SKIP_REASONS` entry); `reasons` counts them by reason.
+    """
 
     output: Path
     rows: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        """How many inputs were skipped for each reason (only the reasons that occurred)."""
+        return dict(Counter(reason_of(problem) for _, problem in self.skipped))
+
+
+def _counts(skipped: Sequence[tuple[str, str]]) -> str:
+    """``"2 not an image type (e.g. a.gif), 1 unreadable image (e.g. b.png)"``."""
+    by_reason: dict[str, list[str]] = {}
+    for path, problem in skipped:
+        by_reason.setdefault(reason_of(problem), []).append(path)
+    return ", ".join(f"{len(paths)} {reason} (e.g. {paths[0]})" for reason, paths in by_reason.items())
+
+
+def _refuse(skipped: Sequence[tuple[str, str]], strict: bool) -> None:
+    if strict and skipped:
+        first_path, first = skipped[0]
+        raise SkippedInputsError(
+            f"strict: {len(skipped)} input(s) would be skipped: {_counts(skipped)}; first: {first_path}: {first}; "
+            "fix or remove them, or drop --strict to skip them"
+        )
 
 
 @torch.inference_mode()
@@ -128,12 +196,14 @@ def predict(
     merge: bool = True,
     pretrained_file: str | Path | None = None,
     options: dict[str, Any] | None = None,
+    strict: bool = False,
 ) -> Prediction:
     """Write one CSV row per readable image of ``inputs``: ``path, top1_label, top1_prob, ...`` (top ``topk``).
 
     ``options`` are ``train.py`` option values (``batch_size``, ``workers``, ``amp`` and the data config
     overrides); missing ones come from the run's ``args.yaml``, then ``train.py``'s defaults. ``device``
-    defaults to ``cuda`` when available, else ``cpu``.
+    defaults to ``cuda`` when available, else ``cpu``. Skipped inputs are logged and returned by reason;
+    ``strict`` raises `SkippedInputsError` instead (before any CSV is written).
     """
     if topk < 1:
         raise ValueError(f"topk={topk} is not allowed: an integer >= 1")
@@ -144,6 +214,7 @@ def predict(
     given = argparse.Namespace(**{k: (options or {}).get(k) for k in SHARED})
     opts = resolve_options(given, SHARED, run)
     paths, skipped = collect_images(inputs)
+    _refuse(skipped, strict)
     for path, problem in skipped:
         logger.warning("skipped %s: %s", path, problem)
     if not paths:
@@ -163,25 +234,29 @@ def predict(
     k = min(topk, len(names))
     autocast = autocast_for(opts["amp"], device)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
-    with open(output, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", *(f"top{j}_{c}" for j in range(1, k + 1) for c in ("label", "prob"))])
-        for indices, images, bad in tqdm(loader, desc="predict", unit="batch", disable=None):
-            for index, problem in bad:
-                skipped.append((str(paths[index]), problem))
-                logger.warning("skipped %s: %s", paths[index], problem)
-            if images is None:
-                continue
-            with autocast():
-                logits = model(images.to(device, non_blocking=True))
-            probs, classes = logits.float().softmax(dim=-1).topk(k, dim=-1)
-            for index, p_row, c_row in zip(indices, probs.tolist(), classes.tolist()):
-                cells = [cell for c, p in zip(c_row, p_row) for cell in (names[c], f"{p:.6f}")]
-                writer.writerow([str(paths[index]), *cells])
-                rows += 1
+    text = io.StringIO()  # written whole (atomic_write) once every image is done: no half CSV on a failure
+    writer = csv.writer(text)
+    writer.writerow(["path", *(f"top{j}_{c}" for j in range(1, k + 1) for c in ("label", "prob"))])
+    for indices, images, bad in tqdm(loader, desc="predict", unit="batch", disable=None):
+        found = [(str(paths[index]), problem) for index, problem in bad]
+        _refuse(found, strict)
+        for path, problem in found:
+            skipped.append((path, problem))
+            logger.warning("skipped %s: %s", path, problem)
+        if images is None:
+            continue
+        with autocast():
+            logits = model(images.to(device, non_blocking=True))
+        probs, classes = logits.float().softmax(dim=-1).topk(k, dim=-1)
+        for index, p_row, c_row in zip(indices, probs.tolist(), classes.tolist()):
+            cells = [cell for c, p in zip(c_row, p_row) for cell in (names[c], f"{p:.6f}")]
+            writer.writerow([str(paths[index]), *cells])
+            rows += 1
+    atomic_write(output, lambda tmp: Path(tmp).write_text(text.getvalue(), newline=""))
     logger.info("wrote %d predictions to %s; skipped %d input(s)", rows, output, len(skipped))
+    if skipped:
+        logger.warning("skipped %d input(s) by reason: %s", len(skipped), _counts(skipped))
     return Prediction(output, rows, skipped)
 
 
@@ -194,11 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--merge", action=argparse.BooleanOptionalAction, default=True, help="merge the adapter first (faster)"
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (exit 2) instead of skipping an input that is missing, not an image or unreadable",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> Prediction:
-    """The command: predict, report skipped inputs, exit non-zero only when nothing could be predicted."""
+    """The command: predict, report skipped inputs by reason; exit 2 (one line) when nothing could be predicted,
+    or with ``--strict`` when an input would be skipped."""
 
     def work(args: argparse.Namespace) -> Prediction:
         return predict(
@@ -209,9 +290,10 @@ def main(argv: Sequence[str] | None = None) -> Prediction:
             merge=args.merge,
             pretrained_file=args.pretrained_file,
             options={k: getattr(args, k) for k in SHARED},
+            strict=args.strict,
         )
 
-    return run_tool(build_parser(), argv, work, (AdapterMismatchError, FileNotFoundError, ValueError))
+    return run_tool(build_parser(), argv, work, (AdapterMismatchError, FileNotFoundError, DiskWriteError, ValueError))
 
 
 cli = console_script(main)

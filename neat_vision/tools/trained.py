@@ -23,6 +23,7 @@ from torch import nn
 from neat_vision.adapter_files import read_adapter_config
 from neat_vision.engine.args import build_parser, load_config
 from neat_vision.engine.data import data_config
+from neat_vision.errors import EXIT_USAGE, one_line
 
 __all__ = [
     "AMP_DTYPES",
@@ -181,13 +182,20 @@ def run_tool(
     work: Callable[[argparse.Namespace], Any],
     errors: tuple[type[BaseException], ...],
 ) -> Any:
-    """Parse ``argv``, log to stdout, return ``work(args)``; ``errors`` exit with one ``error: ...`` line."""
+    """Parse ``argv``, log to stdout, return ``work(args)``; ``errors`` exit 2 with one ``error: ...`` line.
+
+    The ``SystemExit`` raised has exit status 2 (``code``) and the line as its message (``str``).
+    """
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     try:
         return work(args)
     except errors as err:
-        raise SystemExit(f"error: {err}") from err
+        line = f"error: {one_line(err)}"
+        print(line, file=sys.stderr, flush=True)
+        stop = SystemExit(line)
+        stop.code = EXIT_USAGE  # the message is printed; the status is a user error's, like train.py's
+        raise stop from err
 
 
 def console_script(main: Callable[[], Any]) -> Callable[[], None]:
