@@ -35,6 +35,7 @@ __all__ = [
     "Preempted",
     "ResumeError",
     "device_problem_of",
+    "exit_code",
     "exit_status",
     "one_line",
     "report",
@@ -109,6 +110,12 @@ def one_line(err: BaseException | str) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def exit_code(err: BaseException) -> int:
+    """Report a failure in one line on stderr (``error: ...``); return its exit status (`exit_status`)."""
+    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    return exit_status(err)
 
 
 def report(err: BaseException | str, code: int = EXIT_USAGE) -> NoReturn:

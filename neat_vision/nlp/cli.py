@@ -35,7 +35,7 @@ from ..engine.method_options import (
 )
 from ..engine.options import ConfigFileError, read_values, settle_command_line
 from ..engine.progress import log_to_stdout
-from ..errors import USER_ERRORS, OneLineParser, device_problem_of, exit_status, one_line
+from ..errors import USER_ERRORS, OneLineParser, device_problem_of, exit_code
 from ..integrations.transformers_presets import preset_aliases
 from ..methods import METHODS, AdapterConfig, ConfigError, method_names
 from ..run_lock import shared_folder_lock
@@ -186,12 +186,6 @@ def method_config_for(args: argparse.Namespace, model: nn.Module) -> AdapterConf
     if args.method_config is None and args.method in METHODS:
         args.method_config = method_config(args, model, aliases=preset_aliases(model))
     return args.method_config
-
-
-def exit_code(err: BaseException) -> int:
-    """Report a runner's failure in one line on stderr; its exit status (`neat_vision.errors`)."""
-    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-    return exit_status(err)
 
 
 def _output_lock(args: argparse.Namespace, env: DistEnv) -> contextlib.AbstractContextManager:

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from neat_vision.engine.options import ConfigFileError, find_config
-from neat_vision.errors import FolderInUse, Preempted, exit_status, one_line
+from neat_vision.errors import FolderInUse, Preempted, exit_code
 from neat_vision.studies.study import Study, StudyError, report, run_study, study_from
 
 LR_OPTIONS = {"full": ("lr_backbone", "lr_head"), "linear": ("lr_head",)}
@@ -299,8 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StudyError as err:
         parser.error(str(err))
     except (FolderInUse, Preempted) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return exit_status(err)
+        return exit_code(err)
 
 
 if __name__ == "__main__":

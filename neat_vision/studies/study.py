@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neat_vision.errors import EXIT_PREEMPTED, PREEMPT_SIGNALS, FolderInUse, Preempted, exit_status, one_line
+from neat_vision.errors import EXIT_PREEMPTED, PREEMPT_SIGNALS, FolderInUse, Preempted, exit_code
 from neat_vision.run_lock import folder_lock
 from neat_vision.studies.runs import (
     EXECUTORS,
@@ -495,8 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StudyError as err:
         parser.error(str(err))
     except (FolderInUse, Preempted) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return exit_status(err)
+        return exit_code(err)
 
 
 if __name__ == "__main__":
