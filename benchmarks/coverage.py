@@ -82,6 +82,19 @@ def build_base(case: Case, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+@torch.no_grad()
+def enlarge_layer_scales(model: nn.Module) -> nn.Module:
+    """Layer scales (timm's ``gamma``, a constant 1e-6..0.1 at init) set to 1, in place.
+
+    A small layer scale shrinks what an update changes in the output below the merge tolerance, so a layer that
+    ignored its update at inference would pass the merge checks.
+    """
+    for p in model.parameters():
+        if p.is_floating_point() and p.dim() == 1 and p.numel() and p.any() and (p == p[0]).all() and p[0].abs() < 1:
+            p.fill_(1.0)
+    return model
+
+
 def images(case: Case, seed: int = 1) -> Tensor:
     return torch.randn(BATCH, 3, case.size, case.size, generator=torch.Generator().manual_seed(seed))
 
@@ -166,7 +179,8 @@ def check_method(make_base: Callable[[], nn.Module], config: Any, x: Tensor, tol
     """The five checks of the module docstring, in order, on models from ``make_base`` (same weights each call).
 
     Raises `CheckFailed` naming the first check that fails: ``identity``, ``reached``, ``gradient``,
-    ``round trip`` or ``merge``.
+    ``update`` (after 5 steps the update must move the pre-logits output by over ``10 * tol``), ``round trip``
+    or ``merge``.
     """
     model = make_base().eval()
     types = {name: type(module) for name, module in model.named_modules()}
@@ -182,6 +196,16 @@ def check_method(make_base: Callable[[], nn.Module], config: Any, x: Tensor, tol
         _check("identity", err < 1e-6, f"output differs from the base model at init by {err:.3g} (relative)")
     else:
         _check("identity", torch.equal(got, expected), f"output differs from the base model at init by {diff:.3g}")
+
+    # from here on the layer scales are 1 (in this model and every other one made), so the update shows
+    enlarge_layer_scales(model)
+    made = make_base
+
+    def make_base() -> nn.Module:
+        return enlarge_layer_scales(made())
+
+    with torch.no_grad():
+        before = _features(model, x)  # dW = 0, layer scales 1; pre-logits: some heads are scaled by 1e-3
 
     model.train()
     ran: set[str] = set()
@@ -209,28 +233,40 @@ def check_method(make_base: Callable[[], nn.Module], config: Any, x: Tensor, tol
         note = f"; {frozen} of them adapt weight rows that get none in full fine-tuning either" if frozen else ""
         _check("gradient", False, f"{len(dead)} updates get no gradient from the features, e.g. {dead[:3]}{note}")
 
-    torch.optim.AdamW(adapter_parameters(model), lr=1e-2).step()  # dW is not zero after a step
+    optimizer = torch.optim.AdamW(adapter_parameters(model), lr=1e-1)
+    for _ in range(5):  # dW is not zero, and visible in the output, after a few steps along the same gradient
+        optimizer.step()
     model.eval()
     _check("merge", any(layer.delta_weight().abs().sum() > 0 for layer in layers.values()), "no update after a step")
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        y = model(x)
+        y = _features(model, x)
+        # the update must show in the output well above the merge tolerance, or merge checks would pass vacuously
+        moved = _relative(y, before)
+        _check(
+            "update",
+            moved > 10 * tol,
+            f"the trained update moves the eval output by {moved:.3g} (relative), not above {10 * tol:.0e}",
+        )
         neat_vision.save_adapter(model, tmp)
         fresh = neat_vision.load_adapter(make_base(), tmp).eval()
-        _check("round trip", torch.equal(fresh(x), y), "the loaded adapter computes other outputs")
+        _check("round trip", torch.equal(_features(fresh, x), y), "the loaded adapter computes other outputs")
 
     with torch.no_grad():
         w0 = {n: layer.weight.detach().clone() for n, layer in layers.items()}
+        delta = {n: layer.delta_weight() for n, layer in layers.items()}
         neat_vision.merge(model)
-        err = _relative(model(x), y)
+        off = [n for n, layer in layers.items() if not torch.allclose(layer.weight, w0[n] + delta[n].to(w0[n].dtype))]
+        _check("merge", not off, f"merged weight is not W0 + dW: {off[:3]}")
+        err = _relative(_features(model, x), y)
         _check("merge", err < tol, f"merged output differs from the unmerged one by {err:.3g} (relative)")
         neat_vision.unmerge(model)
         changed = [n for n, layer in layers.items() if not torch.equal(layer.weight, w0[n])]
         _check("merge", not changed, f"unmerge does not restore W0 bit for bit: {changed[:3]}")
-        _check("merge", torch.equal(model(x), y), "output after unmerge differs from before merge")
+        _check("merge", torch.equal(_features(model, x), y), "output after unmerge differs from before merge")
         plain = neat_vision.merge_and_unload(model)
         wrong = [n for n in layers if type(plain.get_submodule(n)) is not types[n]]
         _check("merge", not wrong, f"merge_and_unload did not restore the base layer types: {wrong[:3]}")
-        err = _relative(plain(x), y)
+        err = _relative(_features(plain, x), y)
         _check("merge", err < tol, f"merge_and_unload output differs by {err:.3g} (relative)")
 
 

@@ -6,7 +6,8 @@ autocast, writes to the frozen weights, EMA) and returns the gradients of every 
 after the last one, gathered to full tensors under the unwrapped model's names. A distributed case gives
 each rank its half of the same global batch, so its result must equal the single-process run on the whole
 batch. `launch` runs a list of distributed cases in one spawn of `WORLD` gloo processes (CPU) and returns
-their results; a case that fails records its error instead.
+their results; a case that fails records its error instead (any error, an ImportError included, except a missing
+``deepspeed`` package, which records a skip).
 """
 
 from __future__ import annotations
@@ -439,6 +440,14 @@ def train_fresh_each_step(case: Case) -> Result:
 # ---- distributed launch ---------------------------------------------------------------------------------------
 
 
+def recorded_error(error: Exception) -> str:
+    """What a failed case records: ``"skip: <why>"`` only when the deepspeed package itself is missing, else
+    the traceback (any other ImportError too: a broken install or a missing dependency is a failure)."""
+    if isinstance(error, ModuleNotFoundError) and error.name == "deepspeed":
+        return f"skip: the deepspeed package is not installed ({error!r})"
+    return "".join(traceback.format_exception(error))
+
+
 def _entry(rank: int, cases: list[Case], init_file: str, out: str) -> None:
     start = time.perf_counter()
     torch.set_num_threads(1)
@@ -455,10 +464,8 @@ def _entry(rank: int, cases: list[Case], init_file: str, out: str) -> None:
     for case in cases:
         try:
             results[case.key] = train(case, rank, WORLD)
-        except ImportError as error:  # an optional package (deepspeed) that is not usable here
-            results[case.key] = f"skip: {error!r}"
-        except Exception:  # recorded for the test that reads it
-            results[case.key] = traceback.format_exc()
+        except Exception as error:  # recorded for the test that reads it
+            results[case.key] = recorded_error(error)
         dist.barrier()
     if rank == 0:
         torch.save({"results": results, "seconds": time.perf_counter() - start}, out)

@@ -416,7 +416,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bad_input_ends_in_one_line_and_changes_nothing(case: Case, shared: Shared, tmp_path: Path, capsys) -> None:
+def test_bad_input_ends_in_one_line_and_changes_nothing(
+    case: Case, shared: Shared, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # the working directory is tmp_path, inside the snapshot: defaults such as ./runs are covered too
+    monkeypatch.chdir(tmp_path)
     argv = case.argv(shared, tmp_path)
     before = _snapshot(shared.root, tmp_path)
     capsys.readouterr()

@@ -33,6 +33,9 @@ OUTPUT_TOL = 1e-5
 # bf16 cases that round differently from the eager bf16 run: the bf16 noise floor, but never looser than this
 BF16_GRAD_CAP = 2e-2
 BF16_PARAM_CAP = 3e-3
+# ... and so large that it is about the whole 3-step movement: a bf16 row must also move its parameters like the
+# reference does, (trained - initial) within this relative (L2) distance of the reference's movement
+BF16_MOVE_RTOL = 5e-2
 NEAT = ("neat2_relu", "neat6_sin")
 ALL = tuple(cw.METHODS)
 
@@ -178,6 +181,28 @@ def _write_table(reporter) -> None:
         reporter.write_line(f"distributed spawn: {spawn:.1f} s ({inside:.1f} s after the workers' imports)")
 
 
+def _movement(result: cw.Result, init: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(result.params[n].float() - init[n].float()).flatten() for n in sorted(init)])
+
+
+def _check_bf16_movement(case: Case, result: cw.Result, ref: cw.Result) -> float:
+    """The trained parameters moved from their initial values as the reference's did: a run that never trained fails.
+
+    Returns the relative distance of the movements.
+    """
+    init = {n: p.detach() for n, p in cw.build(case.model, case.method).named_parameters() if p.requires_grad}
+    assert set(result.params) == set(init), f"{case.key}: trainable parameters differ from the built model's"
+    moved, ref_moved = _movement(result, init), _movement(ref, init)
+    assert ref_moved.abs().max().item() > 10 * PARAM_TOL, f"{case.key}: the reference hardly moved"
+    rel = ((moved - ref_moved).norm() / ref_moved.norm()).item()
+    assert rel <= BF16_MOVE_RTOL, (
+        f"{case.key}: the parameters' movement (trained - initial) differs from the eager reference's by "
+        f"{rel:.2e} of its norm (tolerance {BF16_MOVE_RTOL:.0e}; largest reference movement "
+        f"{ref_moved.abs().max().item():.2e})"
+    )
+    return rel
+
+
 def _check_ema(case: Case, result: cw.Result, ref: cw.Result) -> None:
     """The EMA copy equals an EMA of the reference's parameters computed here, and so do its outputs."""
     init = cw.build(case.model, case.method)
@@ -218,6 +243,26 @@ def test_setup_trains_like_eager(case, launches):
         assert result.extra["graphs"] >= 1, "torch.compile ran nothing compiled"
     if case.setup == "ema":
         _check_ema(case, result, ref)
+    if case.amp:  # the bf16 parameter tolerance is about the whole movement: check that training happened
+        _check_bf16_movement(case, result, ref)
+
+
+@pytest.mark.parametrize("broken", ["lr0", "frozen"])
+def test_bf16_check_fails_on_a_run_that_does_not_train(broken, monkeypatch):
+    """A test of the test: a bf16 row that never trains (lr 0, or an adapter frozen) passes the parameter
+    tolerance alone, but the movement check fails it."""
+    case = Case("eager", "llama", "neat2_relu", "after", amp=True)
+    ref = reference(case.model, case.method, case.amp)
+    if broken == "lr0":
+        monkeypatch.setattr(cw, "LR", 0.0)
+        result = cw.train(case)
+    else:  # the adapter's parameters kept at their initial values, as if frozen
+        init = {n: p.detach() for n, p in cw.build(case.model, case.method).named_parameters() if p.requires_grad}
+        result = cw.Result(grads=ref.grads, params=init)
+    # it stands about as far from the reference as the parameter tolerance allows (the old check's blind spot)
+    assert cw.max_diff(result.params, ref.params) <= 1.5 * BF16_PARAM_CAP
+    with pytest.raises(AssertionError, match=r"movement \(trained - initial\) differs"):
+        _check_bf16_movement(case, result, ref)
 
 
 @pytest.mark.parametrize("model", ["vit", "llama"])
@@ -228,3 +273,16 @@ def test_unseen_checkpointing_refuses_batched_factors(model, method):
         cw.train(Case("checkpoint", model, method, "after"))
     with pytest.raises(RuntimeError, match=r"batch_tweakers\(model, enabled=False\)"):
         cw.train(Case("checkpoint", model, method, "before"))
+
+
+def test_only_a_missing_deepspeed_package_skips():
+    """A worker's ImportError is a failure unless it is the deepspeed package itself that is missing."""
+    try:
+        import deepspeed_is_not_a_package  # noqa: F401
+    except ModuleNotFoundError as error:
+        other = error
+    missing = ModuleNotFoundError("No module named 'deepspeed'", name="deepspeed")
+    assert cw.recorded_error(missing).startswith("skip: the deepspeed package is not installed")
+    for error in (other, ImportError("cannot import name 'x' from 'deepspeed.utils'", name="deepspeed.utils")):
+        recorded = cw.recorded_error(error)
+        assert not recorded.startswith("skip: ") and type(error).__name__ in recorded

@@ -111,3 +111,21 @@ def test_check_fails_on_a_bypassed_layer():
             cov.check_method(lambda: cov.build_base(case), cov.method_config("neat", base, "default"), cov.images(case))
     finally:
         adapter.FORWARD_PATCHES.extend(patches)
+
+
+def test_check_fails_on_a_layer_that_ignores_its_update_at_inference(monkeypatch):
+    """The checks can fail: an AdaptedLinear whose eval forward ignores its update (ViT's layer scale set to 1)."""
+    from neat_vision.layers import AdaptedLinear
+
+    train_forward = AdaptedLinear.forward
+
+    def forward(self, x):
+        if self.training or self.merged:
+            return train_forward(self, x)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    monkeypatch.setattr(AdaptedLinear, "forward", forward)
+    case = C("vision_transformer", "vit_tiny_patch16_224", dict(VIT, init_values=1e-5), 32)
+    base = cov.build_base(case)
+    with pytest.raises(cov.CheckFailed, match=r"^update: "):
+        cov.check_method(lambda: cov.build_base(case), cov.method_config("lora", base, "default"), cov.images(case))

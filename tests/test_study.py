@@ -413,35 +413,75 @@ def test_compare_takes_the_executor_too(tmp_path, capsys):
     assert "| neat | 270 | 300 | 0.002 (edge) | 57.00 | 56.00 ± 0.00 | 1 |" in text  # best rate at the grid's end
 
 
-def test_interrupting_a_submitit_study_cancels_its_jobs(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("submitit")
-    import _thread
+class _Dropping:
+    """A finalizer that gets a real SIGINT while it runs: Python calls the SIGINT handler inside ``__del__`` and
+    drops its KeyboardInterrupt ("Exception ignored in ..."), as it does when Ctrl-C comes during a garbage
+    collection."""
 
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs here at the latest
+
+
+@pytest.mark.parametrize("how", ["signal", "dropped"])
+@pytest.mark.parametrize("executor", ["local", "submitit-local"])
+def test_ctrl_c_in_the_wait_loop_stops_the_runs(tmp_path, monkeypatch, capsys, executor, how):
+    """Ctrl-C while the study waits: its runs are stopped (submitit-local: jobs cancelled), it raises
+    KeyboardInterrupt; a Ctrl-C whose KeyboardInterrupt Python dropped (raised in a finalizer) is not lost."""
+    if executor != "local":
+        pytest.importorskip("submitit")
+        from neat_vision.studies import slurm
     path = write_study(tmp_path, grid=dict(neat_depth=[2], neat_act=["relu"]), seeds=[0], slurm=dict(timeout_min=60))
     name = "neat_depth=2__neat_act=relu__seed=0"
-    monkeypatch.setenv("FAKE_WAIT", name)
+    monkeypatch.setenv("FAKE_WAIT", name)  # the run writes its pids, then sleeps 60 s
     pids = tmp_path / "out" / name / "pids"
+    waiting = threading.Event()  # set at a turn of the study's wait loop once the run has started
+    dropped = []
 
-    def interrupt():
-        deadline = time.monotonic() + 60
-        while not pids.is_file() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        _thread.interrupt_main()  # Ctrl-C in the study process
+    class Turns(study_module.CtrlC):
+        def check(self):
+            if pids.is_file():
+                waiting.set()
+                if how == "dropped" and not dropped:
+                    dropped.append(self)
+                    _Dropping()  # freed at once: its __del__ gets the SIGINT
+                    assert self.pressed  # the handler ran, its KeyboardInterrupt was dropped
+            super().check()
 
-    thread = threading.Thread(target=interrupt)
+    monkeypatch.setattr(study_module, "CtrlC", Turns)
+    if executor != "local":
+        monkeypatch.setattr(slurm, "CtrlC", Turns)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def ctrl_c():  # a real SIGINT to the main thread, only once the study waits for the started run
+        if how == "signal" and waiting.wait(timeout=120):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    thread = threading.Thread(target=ctrl_c, daemon=True)
     thread.start()
+    begun = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        main(["--config", str(path), "--executor", "submitit-local"])
-    thread.join()
-    assert "interrupted: cancelled 1 job(s)" in capsys.readouterr().out
-    run = int(pids.read_text().split()[0])
+        main(["--config", str(path), "--executor", executor])
+    took = time.monotonic() - begun
+    thread.join(timeout=10)
+    assert waiting.is_set(), "the run never started, or the study never waited for it"
+    assert took < 50, f"the study took {took:.0f} s: it waited for the run instead of stopping it"
+    out = capsys.readouterr().out
+    assert "interrupted: cancelled 1 job(s)" in out if executor != "local" else "interrupted: stopped 1 run(s)" in out
+    if how == "dropped":
+        assert [type(u.exc_value) for u in unraisable] == [KeyboardInterrupt]  # Python did drop it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the study's handler is gone
+    run, parent = map(int, pids.read_text().split())
+    if executor == "local":
+        assert parent == os.getpid()  # the study's own child
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # cancelling stops the job, which stops its run
+    while time.monotonic() < deadline:  # stopping the job stops its run
         try:
             os.kill(run, 0)
         except ProcessLookupError:
             break
         time.sleep(0.2)
     else:
-        pytest.fail(f"the run (pid {run}) still runs after its job was cancelled")
+        pytest.fail(f"the run (pid {run}) still runs after the study was interrupted")
     assert not (tmp_path / "out" / name / "final.json").exists()

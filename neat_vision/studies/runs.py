@@ -14,7 +14,9 @@ import math
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,6 +353,42 @@ def duration(seconds: float) -> str:
 def _metric_text(result: Mapping[str, Any]) -> str:
     parts = [f"{label} {result[key]:.2f}" for key, label in METRICS if isinstance(result.get(key), (int, float))]
     return ", ".join(parts)
+
+
+class CtrlC:
+    """Ctrl-C while a study waits for its runs, never lost: SIGINT raises `KeyboardInterrupt` as usual and is also
+    remembered, and `check` (called at every turn of the wait loop) raises it again.
+
+    Python runs a signal's handler in the main thread wherever that thread is; when it is inside a finalizer
+    (``__del__``, a weakref callback: the cyclic garbage collector runs them at any allocation), the
+    `KeyboardInterrupt` is printed as "Exception ignored in ..." and dropped, and the study would wait on for its
+    runs as if no Ctrl-C had come. Installed in the main thread only, and only over Python's default SIGINT
+    handler (an ignored or custom SIGINT stays as it is); the previous handler is restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise `KeyboardInterrupt` if SIGINT came (again, if the first one was dropped)."""
+        if self.pressed:
+            raise KeyboardInterrupt
 
 
 class Progress:

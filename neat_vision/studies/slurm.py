@@ -21,7 +21,7 @@ from pathlib import Path
 import cloudpickle
 import submitit
 
-from neat_vision.studies.runs import PARAMETERS, Point, Progress, Study, StudyError, log_path, point_command
+from neat_vision.studies.runs import PARAMETERS, CtrlC, Point, Progress, Study, StudyError, log_path, point_command
 
 CLUSTERS = {"slurm": "slurm", "submitit-local": "local"}  # study executor -> submitit's cluster name
 POLL_S = {"slurm": 10.0, "local": 1.0}
@@ -119,45 +119,60 @@ class JobArray:
             return None, f"job {job.job_id}: {first}; submitit log {job.paths.stderr}"
 
     def run(self) -> list[str]:
-        """Submit, wait for every job, return the names of the runs that failed."""
+        """Submit, wait for every job, return the names of the runs that failed.
+
+        Ctrl-C (SIGINT) cancels the jobs not yet done (submitit-local: waits up to 30 s for them to stop) and
+        raises `KeyboardInterrupt`; a Ctrl-C that Python dropped is raised at the next turn (`CtrlC`).
+        """
         work = [PointJob(point_command(self.study, p, absolute=True), log_path(self.study, p)) for p in self.pending]
         if not work:
             return []
+        left: dict[int, submitit.Job] = {}
+        with CtrlC() as ctrl_c:
+            try:
+                self._wait(work, left, ctrl_c)
+            except KeyboardInterrupt:
+                self._cancel(left)
+                raise
+        return self.progress.failed
+
+    def _wait(self, work: list[PointJob], left: dict[int, submitit.Job], ctrl_c: CtrlC) -> None:
+        """Submit ``work`` and wait for its jobs; ``left`` holds those not done (what a Ctrl-C cancels)."""
         submitted = time.monotonic()
         jobs = self.executor.submit_array(work)
+        left.update(enumerate(jobs))
         ids = jobs[0].job_id if len(jobs) == 1 else f"{jobs[0].job_id} .. {jobs[-1].job_id}"
         print(f"[study] submitted {len(jobs)} job(s): {ids}; submitit files in {self.executor.folder}", flush=True)
-        left = dict(enumerate(jobs))
         states: dict[int, str] = {}
         running_since: dict[int, float] = {}
         finished = 0
-        try:
-            while left:
-                for i, job in list(left.items()):
-                    point = self.pending[i]
-                    if job.done():
-                        del left[i]
-                        finished += 1
-                        code, why = self._outcome(job)
-                        took = time.monotonic() - running_since.get(i, submitted)
-                        self.progress.finish(finished, point, code, took, why)
-                        continue
-                    state = job.state
-                    if state != states.get(i):
-                        states[i] = state
-                        print(f"[study] {point.name}: {state} (job {job.job_id})", flush=True)
-                    if state == "RUNNING":
-                        running_since.setdefault(i, time.monotonic())
-                if left:
-                    time.sleep(POLL_S[self.cluster])
-        except KeyboardInterrupt:
-            for job in left.values():
-                job.cancel(check=False)
-            deadline = time.monotonic() + 30
-            while self.cluster == "local" and time.monotonic() < deadline:  # our own children: let them stop
-                if all(job.done() for job in left.values()):
-                    break
-                time.sleep(0.2)
-            print(f"[study] interrupted: cancelled {len(left)} job(s)", flush=True)
-            raise
-        return self.progress.failed
+        while left:
+            ctrl_c.check()
+            for i, job in list(left.items()):
+                point = self.pending[i]
+                if job.done():
+                    del left[i]
+                    finished += 1
+                    code, why = self._outcome(job)
+                    took = time.monotonic() - running_since.get(i, submitted)
+                    self.progress.finish(finished, point, code, took, why)
+                    continue
+                state = job.state
+                if state != states.get(i):
+                    states[i] = state
+                    print(f"[study] {point.name}: {state} (job {job.job_id})", flush=True)
+                if state == "RUNNING":
+                    running_since.setdefault(i, time.monotonic())
+            if left:
+                time.sleep(POLL_S[self.cluster])
+        ctrl_c.check()
+
+    def _cancel(self, left: dict[int, submitit.Job]) -> None:
+        for job in left.values():
+            job.cancel(check=False)
+        deadline = time.monotonic() + 30
+        while self.cluster == "local" and time.monotonic() < deadline:  # our own children: let them stop
+            if all(job.done() for job in left.values()):
+                break
+            time.sleep(0.2)
+        print(f"[study] interrupted: cancelled {len(left)} job(s)", flush=True)

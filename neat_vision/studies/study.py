@@ -25,6 +25,8 @@ then writes ``results.csv``, ``results.md``, ``plot_<axis>.png`` and TensorBoard
 A running study holds the lock of its folder (`neat_vision.run_lock`): a second study on it exits 2 naming
 the first. The local runner forwards SIGTERM, SIGUSR1 and SIGUSR2 to its running runs, which checkpoint and
 exit 4, starts no further run, and exits 4 itself; rerunning the study resumes them.
+Ctrl-C (SIGINT) while a study waits stops its runs (the local runner terminates them and waits up to 60 s;
+submitit jobs are cancelled) and ends it with KeyboardInterrupt; a rerun resumes them.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from neat_vision.studies.runs import (
     SLURM_KEYS,
     SLURM_SET,
     Axis,
+    CtrlC,
     Point,
     Progress,
     Study,
@@ -207,36 +210,61 @@ class _Runner:
         """Run every pending point; return the names of those that failed.
 
         SIGTERM, SIGUSR1 or SIGUSR2 (in the main thread) start no further run and are forwarded to the running
-        ones, which checkpoint and exit 4; ``self.signal`` then names it. Ctrl-C terminates them.
+        ones, which checkpoint and exit 4; ``self.signal`` then names it. Ctrl-C (SIGINT) starts no further run,
+        terminates the running ones (SIGTERM: a neat-train run checkpoints and exits 4), waits up to 60 s for
+        them to end and raises `KeyboardInterrupt`; a Ctrl-C that Python dropped is raised at the next turn of
+        the wait (`CtrlC`).
         """
         threads = [threading.Thread(target=self._worker, args=(s,), daemon=True) for s in self.slots]
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPT_SIGNALS}
-        for t in threads:
-            t.start()
         forwarded = False
         try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.5)
-                    if self.signal is not None and not forwarded:
-                        forwarded = True
-                        name = signal.Signals(self.signal).name
-                        print(f"[study] received {name}: forwarded to the running runs; they checkpoint", flush=True)
-                        with self.lock:
-                            for proc in self.procs:
-                                proc.send_signal(self.signal)
-        except KeyboardInterrupt:
-            self.stop.set()
-            with self.lock:
-                for proc in self.procs:
-                    proc.terminate()
-            raise
+            with CtrlC() as ctrl_c:
+                try:
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        while t.is_alive():
+                            ctrl_c.check()
+                            t.join(0.5)
+                            if self.signal is not None and not forwarded:
+                                forwarded = True
+                                name = signal.Signals(self.signal).name
+                                print(
+                                    f"[study] received {name}: forwarded to the running runs; they checkpoint",
+                                    flush=True,
+                                )
+                                with self.lock:
+                                    for proc in self.procs:
+                                        proc.send_signal(self.signal)
+                    ctrl_c.check()
+                except KeyboardInterrupt:
+                    self._interrupted()
+                    raise
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
         return self.progress.failed
+
+    def _interrupted(self) -> None:
+        """Ctrl-C: start nothing more, terminate the running runs and wait (60 s at most) for them to end."""
+        self.stop.set()
+        with self.lock:
+            running = list(self.procs)
+            for proc in running:
+                proc.terminate()
+        deadline = time.monotonic() + 60
+        for proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        still = sum(proc.poll() is None for proc in running)
+        print(
+            f"[study] interrupted: stopped {len(running) - still} run(s)"
+            + (f", {still} still stopping" if still else ""),
+            flush=True,
+        )
 
 
 def _rows(study: Study, points: list[Point]) -> tuple[list[str], list[dict[str, Any]]]:
