@@ -238,3 +238,14 @@ def save_llama_folder(folder: Path, records: list[dict[str, str]], layers: int =
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def assert_same_saved(one: Path, two: Path) -> None:
+    """The ``.safetensors`` files of two saved folders (adapter, head or model) hold the same tensors."""
+    from safetensors.torch import load_file
+
+    names = sorted(p.name for p in one.glob("*.safetensors"))
+    assert names and names == sorted(p.name for p in two.glob("*.safetensors"))
+    for name in names:
+        a, b = load_file(one / name), load_file(two / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

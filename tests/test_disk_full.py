@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from neat_vision.engine.checkpoint import load_checkpoint
 from neat_vision.errors import USER_ERRORS, exit_status
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_e2e import TINY, _args, _count_steps, _resumed_from, _rows, _stable  # noqa: E402
+from test_train_e2e import _args, _count_steps, _resumed_from, _rows, _stable  # noqa: E402
+from test_train_e2e import _argv as tiny_argv  # noqa: E402
 
 TORCH_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
 
@@ -129,20 +129,7 @@ def _check_stopped_and_resume(tmp_path: Path, name: str, capsys, caplog, monkeyp
 
 def _argv(tmp_path: Path, name: str) -> list[str]:
     """train.py's command line for the tiny run of ``test_train_e2e`` with a checkpoint after every step."""
-    argv = ["--output", str(tmp_path), "--experiment", name, "--checkpoint-interval", "1"]
-    for key, value in TINY.items():
-        flag = "--" + key.replace("_", "-")
-        if key == "checkpoint_interval":
-            continue
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+    return tiny_argv(tmp_path, name, checkpoint_interval=1)
 
 
 def test_full_disk_during_a_checkpoint_exits_2_keeps_the_last_one_and_resumes(tmp_path, capsys, caplog, monkeypatch):

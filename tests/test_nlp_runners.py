@@ -12,7 +12,6 @@ import torch
 
 pytest.importorskip("transformers")
 
-from safetensors.torch import load_file  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
@@ -25,7 +24,7 @@ from neat_vision.nlp.glue_data import TASKS, load_glue  # noqa: E402
 from neat_vision.nlp.loop import CHECKPOINT, load_trained  # noqa: E402
 from neat_vision.nlp.metrics import glue_metrics  # noqa: E402
 from tests import nlp_fixtures as fx  # noqa: E402
-from tests.nlp_fixtures import single_thread  # noqa: E402, F401 (an autouse fixture)
+from tests.nlp_fixtures import assert_same_saved, single_thread  # noqa: E402, F401 (single_thread: an autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -49,15 +48,6 @@ METHOD_ARGS = {
     "full": ["--method", "full"],
 }
 SAVED = {"linear": "head.safetensors", "full": "model.safetensors"}  # what linear / full save instead of an adapter
-
-
-def assert_same_saved(one: Path, two: Path) -> None:
-    """The ``.safetensors`` files of two saved folders (adapter, head or model) hold the same tensors."""
-    names = sorted(p.name for p in one.glob("*.safetensors"))
-    assert names and names == sorted(p.name for p in two.glob("*.safetensors"))
-    for name in names:
-        a, b = load_file(one / name), load_file(two / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @contextlib.contextmanager

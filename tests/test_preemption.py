@@ -319,15 +319,7 @@ pytest.importorskip("transformers")
 from neat_vision.nlp import glue, instruct  # noqa: E402
 from neat_vision.nlp.loop import CHECKPOINT  # noqa: E402
 from tests import nlp_fixtures as fx  # noqa: E402
-from tests.nlp_fixtures import single_thread  # noqa: E402, F401 (an autouse fixture)
-
-
-def _same_saved(one: Path, two: Path) -> None:
-    names = sorted(p.name for p in one.glob("*.safetensors"))
-    assert names and names == sorted(p.name for p in two.glob("*.safetensors"))
-    for name in names:
-        a, b = load_file(one / name), load_file(two / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+from tests.nlp_fixtures import assert_same_saved, single_thread  # noqa: E402, F401 (single_thread: an autouse fixture)
 
 
 def _results(out: Path) -> dict:
@@ -370,7 +362,7 @@ def test_glue_lock_sigterm_and_kill(tmp_path, capsys, caplog):
     for resumed in (_results(tmp_path / "cut"), _results(tmp_path / "killed")):
         assert resumed["history"] == whole["history"] and resumed["best"] == whole["best"]
     for folder in ("best", "last"):
-        _same_saved(tmp_path / "whole" / folder, tmp_path / "cut" / folder)
+        assert_same_saved(tmp_path / "whole" / folder, tmp_path / "cut" / folder)
 
 
 def test_instruct_sigterm_checkpoints_and_resumes_like_a_whole_run(tmp_path, caplog):
@@ -397,7 +389,7 @@ def test_instruct_sigterm_checkpoints_and_resumes_like_a_whole_run(tmp_path, cap
     assert instruct.main(argv(tmp_path / "whole")) == 0
     whole, resumed = _results(tmp_path / "whole"), _results(tmp_path / "cut")
     assert resumed["history"] == whole["history"] and resumed["best"] == whole["best"]
-    _same_saved(tmp_path / "whole" / "last", tmp_path / "cut" / "last")
+    assert_same_saved(tmp_path / "whole" / "last", tmp_path / "cut" / "last")
 
 
 # --------------------------------------------------------------------------------------------- studies

@@ -46,7 +46,8 @@ TINY = {
 VOLATILE = {"wall_time_s", "output_dir"}
 
 
-def _args(tmp_path: Path, experiment: str, *extra: str, **options):
+def _argv(tmp_path: Path, experiment: str, **options) -> list[str]:
+    """train.py's command line for the tiny run (``TINY``, ``options`` overriding it) into ``tmp_path/experiment``."""
     argv = ["--output", str(tmp_path), "--experiment", experiment]
     for key, value in {**TINY, **options}.items():
         flag = "--" + key.replace("_", "-")
@@ -58,7 +59,11 @@ def _args(tmp_path: Path, experiment: str, *extra: str, **options):
             argv += [flag, json.dumps(value)]
         else:
             argv += [flag, str(value)]
-    return parse_args([*argv, *extra])
+    return argv
+
+
+def _args(tmp_path: Path, experiment: str, *extra: str, **options):
+    return parse_args([*_argv(tmp_path, experiment, **options), *extra])
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:
