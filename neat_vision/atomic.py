@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["DiskWriteError", "atomic_write", "disk_write_error", "remove_stale_temporaries"]
+__all__ = ["DiskWriteError", "atomic_write", "atomic_write_text", "disk_write_error", "remove_stale_temporaries"]
 
 # temporary files of atomic_write: ".<name>.<8 random characters>.tmp" next to the target
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-z_]{8}\.tmp$")
@@ -162,6 +162,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         if refused and not isinstance(err, DiskWriteError):
             raise disk_write_error(err, path) from err  # after the clean-up: it reports the free space left
         raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """`atomic_write` of a text file (``newline=""``: the text is written as given)."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, newline=""))
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

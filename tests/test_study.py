@@ -46,6 +46,14 @@ FAKE_TRAIN = textwrap.dedent(
     if os.environ.get("FAKE_CRASH") == args.experiment and not resumed:
         (run / "partial").write_text("interrupted")
         sys.exit(3)
+    if os.environ.get("FAKE_HOLD") == args.experiment:  # hold the folder's lock as neat-train does, until released
+        import fcntl
+        lock = open(run / ".neat.lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (run / "pids.tmp").write_text(f"{os.getpid()} {os.getppid()}")
+        os.replace(run / "pids.tmp", run / "pids")
+        while not (run / "release").exists():
+            time.sleep(0.1)
     if os.environ.get("FAKE_WAIT") == args.experiment and not resumed:  # wait to be preempted
         (run / "partial").write_text("interrupted")
         (run / "pids.tmp").write_text(f"{os.getpid()} {os.getppid()}")
@@ -371,6 +379,46 @@ def test_submitit_requeues_a_preempted_run(tmp_path, monkeypatch):
         os.kill(int(pids.read_text().split()[0]), 0)
     logs = "".join(f.read_text() for f in (tmp_path / "out" / "submitit").rglob("*.err"))
     assert "Caught signal SIGUSR2" in logs and "this job is preempted" in logs
+
+
+def test_sigterm_to_a_submitit_study_leaves_its_jobs_running_and_a_rerun_waits_for_them(tmp_path, monkeypatch, capsys):
+    """The jobs belong to the scheduler: SIGTERM to the study ends its wait (exit 4) without cancelling them;
+    a rerun does not submit the still-running point again but waits for it and collects its result."""
+    pytest.importorskip("submitit")
+    path = write_study(tmp_path, grid=dict(neat_depth=[2], neat_act=["relu"]), seeds=[0], slurm=dict(timeout_min=60))
+    name = "neat_depth=2__neat_act=relu__seed=0"
+    run_dir = tmp_path / "out" / name
+    monkeypatch.setenv("FAKE_HOLD", name)  # the run locks its folder, writes its pids and waits for "release"
+
+    def sigterm():
+        deadline = time.monotonic() + 60
+        while not (run_dir / "pids").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+    thread = threading.Thread(target=sigterm, daemon=True)
+    thread.start()
+    try:
+        begun = time.monotonic()
+        assert main(["--config", str(path), "--executor", "submitit-local"]) == 4
+        assert time.monotonic() - begun < 50
+        thread.join(timeout=10)
+        out, err = capsys.readouterr()
+        assert "received SIGTERM: 1 job(s) left running" in out
+        assert "stopped by SIGTERM: 1 job(s) left running" in err
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the study's handler is gone
+        run_pid = int((run_dir / "pids").read_text().split()[0])
+        os.kill(run_pid, 0)  # not cancelled: the run still runs
+
+        threading.Timer(2.0, lambda: (run_dir / "release").write_text("go")).start()
+        assert main(["--config", str(path), "--executor", "submitit-local"]) == 0
+        out = capsys.readouterr().out
+        assert f"1 still running from an earlier submission, waited for: {name}" in out
+        assert "submitted" not in out  # not started a second time
+        assert (tmp_path / "out" / "invocations.txt").read_text().split() == [name, "none"]
+        assert "1/1 " + name + " done" in out and (tmp_path / "out" / "results.csv").is_file()
+    finally:
+        (run_dir / "release").write_text("go")
 
 
 def test_submitit_options_are_checked_before_anything_runs(tmp_path, capsys):

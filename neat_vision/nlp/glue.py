@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from ..adapter import apply_method, trainable_summary
+from ..atomic import atomic_write_text
 from ..engine.distributed import DistEnv, all_gather_object, setup_distributed
 from ..errors import OneLineParser
 from ..integrations.transformers import apply_adapter, load_tokenizer
@@ -160,7 +161,7 @@ def train_glue(args: argparse.Namespace, env: DistEnv | None = None) -> dict[str
         "dev_examples": len(dev),
     }
     if env.is_main:
-        (Path(args.output) / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(Path(args.output) / "results.json", json.dumps(results, indent=2))
     return results
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from ..adapter import apply_method, merge_and_unload, trainable_summary
+from ..atomic import atomic_write_text
 from ..engine.distributed import DistEnv, all_gather_object, all_reduce_sum, setup_distributed
 from ..errors import OneLineParser
 from ..integrations.transformers import apply_adapter, load_tokenizer
@@ -209,11 +210,11 @@ def run_instruct(args: argparse.Namespace, env: DistEnv | None = None) -> dict[s
         rows = scored.pop("rows")
         if env.is_main:
             (out / "eval").mkdir(parents=True, exist_ok=True)
-            (out / "eval" / f"{name}.json").write_text(json.dumps(rows, indent=2))
+            atomic_write_text(out / "eval" / f"{name}.json", json.dumps(rows, indent=2))
         results["eval"][name] = scored
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results
 
 

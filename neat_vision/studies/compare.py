@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import statistics
 import sys
@@ -38,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from neat_vision.atomic import atomic_write, atomic_write_text
 from neat_vision.engine.options import ConfigFileError, find_config
 from neat_vision.errors import FolderInUse, Preempted, exit_code
 from neat_vision.studies.study import Study, StudyError, report, run_study, study_from
@@ -161,7 +163,7 @@ def _plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         ax.set_ylabel("test top-1 (%)")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -268,13 +270,14 @@ def run_compare(
     out = Path(output) if output else out_dir
     out.mkdir(parents=True, exist_ok=True)
     text = "".join(_markdown(title, table) + "\n" for title, table in results.items())
-    (out / "compare.md").write_text(text)
-    with open(out / "compare.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["dataset", *next(iter(results.values()))[0]])
-        writer.writeheader()
-        for title, table in results.items():
-            for row in table:
-                writer.writerow({"dataset": title, **row})
+    atomic_write_text(out / "compare.md", text)
+    table_text = io.StringIO()
+    writer = csv.DictWriter(table_text, fieldnames=["dataset", *next(iter(results.values()))[0]])
+    writer.writeheader()
+    for title, table in results.items():
+        for row in table:
+            writer.writerow({"dataset": title, **row})
+    atomic_write_text(out / "compare.csv", table_text.getvalue())
     _plot(results, out / "compare.png")
     print(text, end="")
     print(f"[compare] wrote {out / 'compare.md'}, compare.csv, compare.png")

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from neat_vision.atomic import atomic_write_text
 from neat_vision.engine.options import ConfigFileError, find_config
 
 STUDY_KEYS = ("base_config", "overrides", "grid", "seeds", "output", "gpus", "train_command", "executor", "slurm")
@@ -316,7 +317,7 @@ def write_point_config(study: Study, point: Point) -> Path:
     path = folder / f"{point.name}.yaml"
     text = yaml.safe_dump(config, sort_keys=False)
     if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+        atomic_write_text(path, text)
     return path
 
 

@@ -5,6 +5,10 @@
 ``executor: submitit-local`` -> ``LocalExecutor``: the same path, another executor class), waits with
 progress lines, and says which runs failed. A job that reaches its time limit or is preempted is requeued
 by submitit (``submitit.helpers.Checkpointable``) and its run continues from its last checkpoint.
+
+The jobs belong to the scheduler, not to the study process: a stop signal to the study (SIGTERM, SIGUSR1,
+SIGUSR2) ends its wait and leaves them running (exit 4); a rerun does not submit a point whose run is still
+going (its folder's lock is held) but waits for it. Ctrl-C cancels them.
 """
 
 from __future__ import annotations
@@ -14,14 +18,28 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import submitit
 
-from neat_vision.studies.runs import PARAMETERS, CtrlC, Point, Progress, Study, StudyError, log_path, point_command
+from neat_vision.errors import PREEMPT_SIGNALS
+from neat_vision.run_lock import is_locked
+from neat_vision.studies.runs import (
+    PARAMETERS,
+    CtrlC,
+    Point,
+    Progress,
+    Study,
+    StudyError,
+    log_path,
+    point_command,
+    read_result,
+)
 
 CLUSTERS = {"slurm": "slurm", "submitit-local": "local"}  # study executor -> submitit's cluster name
 POLL_S = {"slurm": 10.0, "local": 1.0}
@@ -104,12 +122,21 @@ class JobArray:
         limit = study.slurm.get("array_parallelism")
         at_once = len(pending) if self.cluster == "local" or limit is None else min(limit, len(pending))
         self.progress = Progress(study, len(pending), at_once)
+        # points whose run is still going from an earlier submission (its folder's lock is held): waited for
+        self.attached = [p for p in self.pending if is_locked(study.output / p.name)]
+        self.signal: int | None = None  # the stop signal received (the jobs were left running)
+        self.stop_note = ""
 
     def describe(self) -> str:
         if self.cluster == "local":
-            return "as submitit local jobs (all at once)"
-        limit = self.study.slurm.get("array_parallelism")
-        return "as a Slurm job array" + (f" (at most {limit} at once)" if limit else "")
+            text = "as submitit local jobs (all at once)"
+        else:
+            limit = self.study.slurm.get("array_parallelism")
+            text = "as a Slurm job array" + (f" (at most {limit} at once)" if limit else "")
+        if self.attached:
+            names = ", ".join(p.name for p in self.attached)
+            text += f"; {len(self.attached)} still running from an earlier submission, waited for: {names}"
+        return text
 
     def _outcome(self, job: submitit.Job) -> tuple[int | None, str | None]:
         try:
@@ -122,34 +149,71 @@ class JobArray:
         """Submit, wait for every job, return the names of the runs that failed.
 
         Ctrl-C (SIGINT) cancels the jobs not yet done (submitit-local: waits up to 30 s for them to stop) and
-        raises `KeyboardInterrupt`; a Ctrl-C that Python dropped is raised at the next turn (`CtrlC`).
+        raises `KeyboardInterrupt`; a Ctrl-C that Python dropped is raised at the next turn (`CtrlC`). SIGTERM,
+        SIGUSR1 or SIGUSR2 (in the main thread) end the wait and leave the jobs running; ``self.signal`` then
+        names it and ``self.stop_note`` says which jobs go on.
         """
-        work = [PointJob(point_command(self.study, p, absolute=True), log_path(self.study, p)) for p in self.pending]
-        if not work:
+        to_submit = [p for p in self.pending if p not in self.attached]
+        work = [PointJob(point_command(self.study, p, absolute=True), log_path(self.study, p)) for p in to_submit]
+        if not work and not self.attached:
             return []
         left: dict[int, submitit.Job] = {}
-        with CtrlC() as ctrl_c:
-            try:
-                self._wait(work, left, ctrl_c)
-            except KeyboardInterrupt:
-                self._cancel(left)
-                raise
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPT_SIGNALS}
+        try:
+            with CtrlC() as ctrl_c:
+                try:
+                    self._wait(to_submit, work, left, ctrl_c)
+                except KeyboardInterrupt:
+                    self._cancel(left)
+                    raise
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
         return self.progress.failed
 
-    def _wait(self, work: list[PointJob], left: dict[int, submitit.Job], ctrl_c: CtrlC) -> None:
-        """Submit ``work`` and wait for its jobs; ``left`` holds those not done (what a Ctrl-C cancels)."""
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal is None:
+            self.signal = signum
+
+    def _left_running(self, left: dict[int, submitit.Job], waiting: list[Point]) -> None:
+        ids = ", ".join(str(job.job_id) for job in left.values())
+        parts = [f"{len(left)} job(s) left running ({ids})"] if left else []
+        if waiting:
+            parts.append(f"{len(waiting)} earlier run(s) still going")
+        self.stop_note = (
+            f"{' and '.join(parts) or 'no job was running'}: they checkpoint on their own preemption; rerun the "
+            "study to wait for them and collect their results (Ctrl-C in a study cancels its jobs)"
+        )
+        print(f"[study] received {signal.Signals(self.signal).name}: {self.stop_note}", flush=True)
+
+    def _wait(self, points: list[Point], work: list[PointJob], left: dict[int, submitit.Job], ctrl_c: CtrlC) -> None:
+        """Submit ``work`` (one job per point of ``points``), wait for its jobs and the attached runs; ``left``
+        holds the jobs not done (what a Ctrl-C cancels)."""
         submitted = time.monotonic()
-        jobs = self.executor.submit_array(work)
+        jobs = self.executor.submit_array(work) if work else []
         left.update(enumerate(jobs))
-        ids = jobs[0].job_id if len(jobs) == 1 else f"{jobs[0].job_id} .. {jobs[-1].job_id}"
-        print(f"[study] submitted {len(jobs)} job(s): {ids}; submitit files in {self.executor.folder}", flush=True)
+        if jobs:
+            ids = jobs[0].job_id if len(jobs) == 1 else f"{jobs[0].job_id} .. {jobs[-1].job_id}"
+            print(f"[study] submitted {len(jobs)} job(s): {ids}; submitit files in {self.executor.folder}", flush=True)
+        waiting = list(self.attached)
         states: dict[int, str] = {}
         running_since: dict[int, float] = {}
         finished = 0
-        while left:
+        while left or waiting:
             ctrl_c.check()
+            if self.signal is not None:
+                self._left_running(left, waiting)
+                return
+            for point in list(waiting):
+                if not is_locked(self.study.output / point.name):
+                    waiting.remove(point)
+                    finished += 1
+                    why = None if read_result(self.study, point) else "the earlier run ended without final.json"
+                    self.progress.finish(finished, point, 0 if why is None else None, time.monotonic() - submitted, why)
             for i, job in list(left.items()):
-                point = self.pending[i]
+                point = points[i]
                 if job.done():
                     del left[i]
                     finished += 1
@@ -163,7 +227,7 @@ class JobArray:
                     print(f"[study] {point.name}: {state} (job {job.job_id})", flush=True)
                 if state == "RUNNING":
                     running_since.setdefault(i, time.monotonic())
-            if left:
+            if left or waiting:
                 time.sleep(POLL_S[self.cluster])
         ctrl_c.check()
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
+import io
 import itertools
 import math
 import os
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neat_vision.atomic import atomic_write, atomic_write_text
 from neat_vision.errors import EXIT_PREEMPTED, PREEMPT_SIGNALS, FolderInUse, Preempted, exit_code
 from neat_vision.run_lock import folder_lock
 from neat_vision.studies.runs import (
@@ -373,7 +376,7 @@ def _plots(study: Study, rows: list[dict[str, Any]]) -> list[Path]:
         fig.suptitle(f"{study.file.stem}: {axis.name} sweep")
         fig.tight_layout()
         path = study.output / f"plot_{axis.name}.png"
-        fig.savefig(path, dpi=120)
+        atomic_write(path, functools.partial(fig.savefig, dpi=120, format="png"))
         plt.close(fig)
         files.append(path)
     return files
@@ -403,14 +406,15 @@ def report(study: Study) -> dict[str, Any]:
     points = study.points()
     columns, rows = _rows(study, points)
     study.output.mkdir(parents=True, exist_ok=True)
-    with open(study.output / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table_text = io.StringIO()
+    writer = csv.DictWriter(table_text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(study.output / "results.csv", table_text.getvalue())
     if not rows:
         return {"runs": 0, "csv": study.output / "results.csv"}
     table = _markdown(study, rows)
-    (study.output / "results.md").write_text(f"# {study.file.stem}\n\n{table}")
+    atomic_write_text(study.output / "results.md", f"# {study.file.stem}\n\n{table}")
     return {
         "runs": len(rows),
         "csv": study.output / "results.csv",
@@ -477,10 +481,10 @@ def _run_study(study: Study, *, dry_run: bool) -> int:
         print(out["table"], end="")
     stopped = getattr(runner, "signal", None)
     if stopped is not None:
-        raise Preempted(
-            f"study {study.output} stopped by {signal.Signals(stopped).name}: the runs in progress were forwarded "
-            "it and checkpointed; rerun the study to resume them"
+        note = getattr(runner, "stop_note", "") or (
+            "the runs in progress were forwarded it and checkpointed; rerun the study to resume them"
         )
+        raise Preempted(f"study {study.output} stopped by {signal.Signals(stopped).name}: {note}")
     if failed:
         print(f"[study] {len(failed)} run(s) failed: {', '.join(failed)} (rerun the study to retry them)")
         return 1
