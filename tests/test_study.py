@@ -533,3 +533,20 @@ def test_ctrl_c_in_the_wait_loop_stops_the_runs(tmp_path, monkeypatch, capsys, e
     else:
         pytest.fail(f"the run (pid {run}) still runs after the study was interrupted")
     assert not (tmp_path / "out" / name / "final.json").exists()
+
+
+def test_a_grid_over_timm_recipe_flags_is_checked_by_the_engine(tmp_path, capsys):
+    """Any train.py flag can be a study axis, the timm recipe flags too; a bad value fails before anything runs."""
+    base = dict(model="vit_tiny_patch16_224", pretrained=False, dataset="digits", batch_size=8)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    grid = dict(sched=["cosine", "linear"], mixup=[0.0, 0.8], model_ema=[False, True])
+    study = dict(base_config="base.yaml", grid=grid, output=str(tmp_path / "out"))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    assert main(["--config", str(tmp_path / "study.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 runs, 0 finished, 8 to run" in out and out.count("--experiment") == 8
+    study["grid"] = dict(sched=["cosine", "cosin"])
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(tmp_path / "study.yaml"), "--dry-run"])
+    assert info.value.code == 2 and "cosin" in capsys.readouterr().err

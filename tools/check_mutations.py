@@ -57,7 +57,8 @@ MUTATIONS = (
         "vision_restore_skips_weights",
         "the vision checkpoint restores the progress but not the weights and optimizer",
         "neat_vision/engine/vision.py",
-        '        load_model_state(self.model, ckpt["model"])\n        self.optimizer.load_state_dict(ckpt["optimizer"])\n',
+        '        load_model_state(self.model, ckpt["model"])\n'
+        '        self.optimizer.load_state_dict(ckpt["optimizer"])\n',
         "",
         ("tests/test_train_e2e.py", "tests/test_resume_kill.py", "-k", "resume"),
     ),

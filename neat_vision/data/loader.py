@@ -9,6 +9,7 @@ workers never share augmentation streams and a run is repeatable for a fixed ``s
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -68,6 +69,8 @@ class EpochSampler(DistributedSampler):
     process group (``num_replicas=1, rank=0``). ``set_epoch(epoch, start)`` also skips the first ``start``
     items of this rank's share, without loading them. ``pad=False`` (no shuffling) gives unpadded strided
     shards ``rank::num_replicas``, so every sample is seen exactly once across ranks (exact evaluation).
+    ``block=B`` (training: the batch size) deals the epoch's order in blocks of ``B`` (`_blocked_share`), so
+    the ``k``-th batch of rank ``r`` holds the items of batch ``k * num_replicas + r`` of one process's order.
     """
 
     def __init__(
@@ -80,11 +83,15 @@ class EpochSampler(DistributedSampler):
         seed: int = 0,
         drop_last: bool = False,
         pad: bool = True,
+        block: int = 1,
     ) -> None:
         if shuffle and not pad:
             raise ValueError("pad=False (exact strided shards) is for evaluation and needs shuffle=False")
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.pad = pad
+        self.block = block
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -93,6 +100,24 @@ class EpochSampler(DistributedSampler):
             raise ValueError(f"start must be in [0, {self._share_len()}], got {start}")
         super().set_epoch(epoch)
         self.start = start
+
+    def _epoch_order(self) -> list[int]:
+        """The whole epoch's order over all ranks, padded or cut as ``DistributedSampler`` does."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(len(self.dataset), generator=g).tolist()
+        else:
+            indices = list(range(len(self.dataset)))
+        if not self.drop_last:
+            padding = self.total_size - len(indices)
+            if padding <= len(indices):
+                indices += indices[:padding]
+            else:
+                indices += (indices * math.ceil(padding / len(indices)))[:padding]
+        else:
+            indices = indices[: self.total_size]
+        return indices
 
     def _share_len(self) -> int:
         return self.num_samples if self.pad else len(range(self.rank, len(self.dataset), self.num_replicas))
@@ -103,10 +128,20 @@ class EpochSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.pad:
             share = list(super().__iter__())
+            if self.block > 1:  # the same items over all ranks, dealt in whole blocks
+                share = _blocked_share(self._epoch_order(), self.rank, self.num_replicas, self.block)
         else:
             share = list(range(self.rank, len(self.dataset), self.num_replicas))
         for index in share[self.start :]:
             yield index, sample_seed(self.seed, self.epoch, index)
+
+
+def _blocked_share(order: list[int], rank: int, world: int, block: int) -> list[int]:
+    """This rank's share of ``order`` (the epoch's padded order) in whole blocks: block ``k * world + rank`` is
+    its ``k``-th; the items after the last full round of blocks are dealt one by one (``rank::world``)."""
+    rounds = len(order) // (world * block)
+    share = [i for k in range(rounds) for i in order[(k * world + rank) * block : (k * world + rank + 1) * block]]
+    return share + order[rounds * world * block :][rank::world]
 
 
 def build_loader(
@@ -148,7 +183,14 @@ def build_loader(
     sampler = None
     if resumable:
         sampler = EpochSampler(
-            wrapped, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=drop_last, pad=train
+            wrapped,
+            num_replicas=world,
+            rank=rank,
+            shuffle=train,
+            seed=seed,
+            drop_last=drop_last,
+            pad=train,
+            block=batch_size if train else 1,
         )
     elif distributed:
         sampler = DistributedSampler(wrapped, shuffle=train, seed=seed, drop_last=drop_last)

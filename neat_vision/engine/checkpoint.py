@@ -66,6 +66,10 @@ RUN_CONTROL_OPTIONS = frozenset(
         "download",
         "save_full",
         "pretrained_file",
+        "torchcompile",
+        "grad_checkpointing",
+        "save_images",
+        "checkpoint_hist",
     }
 )
 

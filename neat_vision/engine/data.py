@@ -14,7 +14,7 @@ from neat_vision.data import SPLITS, build_dataset, build_loader, build_transfor
 from neat_vision.data.fractal import FractalBatches, FractalCategories
 from neat_vision.engine.distributed import DistEnv
 
-__all__ = ["build_datasets", "build_loaders", "data_config"]
+__all__ = ["augmentation_options", "build_datasets", "build_loaders", "data_config"]
 
 
 def data_config(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
@@ -32,6 +32,23 @@ def data_config(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
         "std": args.std,
     }
     return resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
+
+
+def augmentation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`build_transforms` keywords for the training augmentation options (timm's names and meanings)."""
+    jitter = getattr(args, "color_jitter", None)
+    return {
+        "hflip": args.hflip,
+        "scale": tuple(args.crop_scale),
+        "ratio": tuple(getattr(args, "ratio", (3 / 4, 4 / 3))),
+        "vflip": getattr(args, "vflip", 0.0),
+        "color_jitter": None if jitter is None else (jitter[0] if len(jitter) == 1 else tuple(jitter)),
+        "auto_augment": getattr(args, "aa", None),
+        "reprob": getattr(args, "reprob", 0.0),
+        "remode": getattr(args, "remode", "pixel"),
+        "recount": getattr(args, "recount", 1),
+        "no_aug": getattr(args, "no_aug", False),
+    }
 
 
 def build_datasets(args: argparse.Namespace, env: DistEnv) -> dict[str, Dataset]:
@@ -76,7 +93,7 @@ def build_loaders(
     loaders = {}
     for split, dataset in datasets.items():
         train = split == "train"
-        transform = build_transforms(config, train, hflip=args.hflip, scale=tuple(args.crop_scale))
+        transform = build_transforms(config, train, **augmentation_options(args))
         loaders[split] = build_loader(
             dataset,
             transform,

@@ -142,6 +142,9 @@ class Task(Protocol):
     def restore(self) -> tuple[Path, dict[str, Any], Progress]:
         """Load the checkpoint to resume into the model, optimizer and schedule: its path, contents and progress."""
 
+    # optional: ``after_step(step)`` after each optimizer step (1-based; an EMA update), ``after_save(progress)``
+    # on rank 0 after each checkpoint is written (a checkpoint history)
+
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
@@ -218,6 +221,9 @@ class TrainLoop:
         state["rng"] = rngs  # one per rank
         s = self.settings
         save_checkpoint(state, s.checkpoint, copy_to=s.best_checkpoint if best else None)
+        after_save = getattr(self.task, "after_save", None)
+        if after_save is not None:
+            after_save(self.progress)
 
     def _last_checkpoint_note(self) -> str:
         """What is on disk to fall back on, verified: the checkpoint is read back and its tensors checked."""
@@ -405,6 +411,9 @@ class TrainLoop:
                 self._weights_flag = nonfinite_flag((_local(q) for q in self.trainable), env.device)
                 p.global_step += 1
                 p.step_in_epoch += 1
+                after_step = getattr(task, "after_step", None)
+                if after_step is not None:
+                    after_step(p.global_step)
                 p.epoch_loss += loss_sum
                 p.epoch_terms += terms
                 seen += terms

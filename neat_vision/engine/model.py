@@ -37,6 +37,9 @@ __all__ = [
 def build_model(args: argparse.Namespace, num_classes: int, *, meta: bool = False) -> nn.Module:
     """The plain timm model: pretrained weights (hub or ``pretrained_file``) unless ``meta`` (dry runs)."""
     kwargs = {**args.model_kwargs, "num_classes": num_classes}
+    for option, name in (("drop", "drop_rate"), ("drop_path", "drop_path_rate")):  # timm's train.py passes these
+        if getattr(args, option, None) is not None:
+            kwargs[name] = getattr(args, option)
     if meta:
         with torch.device("meta"):
             return timm.create_model(args.model, pretrained=False, **kwargs)
@@ -74,8 +77,11 @@ def build_adapter(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     if config is None:  # a parameter budget (solved on the model), or options that did not come from parse_args
         config = method_config(args, model)
     model = apply_method(model, args.method, config)
+    if getattr(args, "grad_checkpointing", False):
+        model.set_grad_checkpointing(True)  # timm's blocks recompute in the backward: no batched tweaker pass
+        return model
     # train.py runs the model eagerly, under DDP or compiled: the batched tweaker pass is correct in each (it
-    # stands aside under compile, checkpointing and sharding); library users opt in themselves
+    # stands aside under compile and sharding); library users opt in themselves
     return batch_tweakers(model) if config is not None else model
 
 

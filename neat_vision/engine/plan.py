@@ -10,7 +10,7 @@ from typing import Any
 
 from neat_vision.adapter import trainable_summary
 from neat_vision.data import SyntheticImages, build_loader, build_transforms, dataset_info
-from neat_vision.engine.data import data_config
+from neat_vision.engine.data import augmentation_options, data_config
 from neat_vision.engine.model import build_adapter, build_model, check_layers_reached
 from neat_vision.engine.optim import param_groups
 
@@ -70,18 +70,27 @@ def log_plan(
         world_size,
         args.batch_size * args.grad_accum * world_size,
     )
-    groups_text = ", ".join(f"{g['name']} lr {g['lr']:g} wd {g['weight_decay']:g}" for g in groups)
+    groups_text = ", ".join(
+        f"{g['name']} lr {g.get('initial_lr', g['lr']):g}{_scale_text(g)} wd {g['weight_decay']:g}" for g in groups
+    )
+    opt, sched = getattr(args, "opt", "adamw"), getattr(args, "sched", "linear")
     if plan is None:
-        logger.info("optimizer AdamW: %s | steps per epoch %s", groups_text, unknown)
+        logger.info("optimizer %s: %s | steps per epoch %s", opt, groups_text, unknown)
     else:
         logger.info(
-            "optimizer AdamW: %s | %d epochs x %d steps = %d steps (warmup %d), linear decay",
+            "optimizer %s: %s | %d epochs x %d steps = %d steps (warmup %d), %s schedule",
+            opt,
             groups_text,
             args.epochs,
             plan.steps_per_epoch,
             plan.total_steps,
             plan.warmup_steps,
+            sched,
         )
+
+
+def _scale_text(group: dict[str, Any]) -> str:
+    return f" x {group['lr_scale']:.3g}" if "lr_scale" in group else ""
 
 
 def dry_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,7 +126,7 @@ def dry_run(args: argparse.Namespace) -> dict[str, Any]:
     for split in ("train", "val"):
         loader = build_loader(
             SyntheticImages(args.batch_size, num_classes, size=2 * height, seed=args.seed),
-            build_transforms(config, split == "train", hflip=args.hflip, scale=tuple(args.crop_scale)),
+            build_transforms(config, split == "train", **augmentation_options(args)),
             args.batch_size,
             train=split == "train",
             num_workers=0,

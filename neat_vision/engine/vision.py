@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,6 @@ from timm.utils import random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 from neat_vision.adapter import delta_norms, trainable_summary
@@ -46,6 +46,7 @@ from neat_vision.engine.checkpoint import (
 )
 from neat_vision.engine.data import build_datasets, build_loaders, data_config
 from neat_vision.engine.distributed import DistEnv, broadcast_object, setup_distributed
+from neat_vision.engine.ema import TrainableEma
 from neat_vision.engine.loop import EpochEnd, LoopSettings, Progress, TrainLoop
 from neat_vision.engine.metrics import evaluate
 from neat_vision.engine.model import (
@@ -55,9 +56,11 @@ from neat_vision.engine.model import (
     export_trained,
     record_label_names,
 )
-from neat_vision.engine.optim import build_optimizer, build_scheduler
+from neat_vision.engine.optim import build_optimizer
 from neat_vision.engine.plan import Plan, dry_run, log_plan, make_plan
 from neat_vision.engine.progress import format_seconds
+from neat_vision.engine.regularization import batch_seed, build_mixup, build_train_loss, seeded_batch
+from neat_vision.engine.schedule import PaperSchedule, TimmSchedule, build_scheduler
 from neat_vision.errors import Diverged, ResumeError, one_line
 from neat_vision.run_lock import shared_folder_lock
 
@@ -226,11 +229,17 @@ class VisionTask:
     loaders: dict[str, DataLoader]
     plan: Plan
     optimizer: Optimizer
-    scheduler: LRScheduler
+    scheduler: PaperSchedule | TimmSchedule
     scaler: torch.amp.GradScaler | None
     autocast: Callable[[], contextlib.AbstractContextManager]
     resume_from: Path | None = None
     last_val: dict[str, float] = field(default_factory=dict)  # the last validation (eval_every may skip epochs)
+    ema: TrainableEma | None = None
+    last_live_val: dict[str, float] = field(default_factory=dict)  # with an EMA: the live model's last validation
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    mixup: Any = None  # timm Mixup
+    show_batch: bool = False  # the first augmented batch still to be shown (TensorBoard images, --save-images)
+    writer: Any = None  # the loop's TensorBoard writer, once it is open
 
     @classmethod
     def build(cls, args: argparse.Namespace, env: DistEnv, run_dir: Path) -> tuple[VisionTask, TrainLoop]:
@@ -250,16 +259,23 @@ class VisionTask:
         loaders = build_loaders(args, datasets, config, env)
         plan = make_plan(args, len(loaders["train"]))
         optimizer = build_optimizer(model, args)
-        scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps)
+        scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, args, plan.steps_per_epoch)
         scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-        random_seed(args.seed, env.rank)  # training randomness (e.g. dropout) differs per rank
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        ema = TrainableEma(model, args.model_ema_decay, args.model_ema_warmup) if args.model_ema else None
+        random_seed(args.seed, env.rank)
         net: nn.Module = model
         if env.distributed:
             net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if args.compile:
-            net = torch.compile(net)
+            net = torch.compile(net, backend=args.torchcompile or "inductor")
         autocast = _autocast(args, device)
         task = cls(args, env, run_dir, model, net, loaders, plan, optimizer, scheduler, scaler, autocast, resume_from)
+        task.ema = ema
+        task.loss_fn = build_train_loss(args)
+        task.mixup = build_mixup(args, num_classes)
+        task.show_batch = resume_from is None and env.is_main and (args.tb or args.save_images)
         checkpoints = run_dir / "checkpoints"
         settings = LoopSettings(
             epochs=args.epochs,
@@ -274,6 +290,7 @@ class VisionTask:
             select_metric="val_top1",
             unit="img",
             checkpoint_option="checkpoint_interval",
+            checkpoint_tensors=("model", "optimizer", "model_ema") if args.model_ema else ("model", "optimizer"),
             resume_option="--resume auto",
             advice=(
                 f"Lower lr_neat={args.lr_neat:g} / lr_head={args.lr_head:g}, or set clip_grad (now {args.clip_grad}), "
@@ -281,6 +298,7 @@ class VisionTask:
             ),
         )
         loop = TrainLoop(task, settings, env, started=started)
+        task.loop = loop
         if resume_from is not None:
             loop.resume()
         if env.is_main:
@@ -298,27 +316,62 @@ class VisionTask:
         return self.plan.steps_per_epoch
 
     def epoch_steps(self, epoch: int, start: int) -> Iterator[tuple[int, Iterator[Any]]]:
-        """Windows of ``grad_accum`` batches from step ``start``; the done batches are skipped by the sampler."""
+        """Windows of ``grad_accum`` batches from step ``start``; the done batches are skipped by the sampler.
+
+        Each micro-batch comes with its epoch and its index in the epoch over all ranks (its seed's inputs)."""
         accum, limit = self.args.grad_accum, self.plan.batches_per_epoch
         first = start * accum
         if first >= limit:
             return
         self.loaders["train"].sampler.set_epoch(epoch, start=first * self.args.batch_size)
         batches = iter(self.loaders["train"])
+        world, rank = self.env.world_size, self.env.rank
         for window in range(first, limit, accum):
             n = min(accum, limit - window)
-            yield n, itertools.islice(batches, n)
+            yield n, ((epoch, (window + j) * world + rank, b) for j, b in enumerate(itertools.islice(batches, n)))
 
-    def backward(self, micro: tuple[torch.Tensor, torch.Tensor], n_micro: int) -> tuple[torch.Tensor, int]:
-        """Cross-entropy of one batch; the gradient of the window's mean (DDP averages over ranks)."""
-        images, targets = micro
-        images = images.to(self.env.device, non_blocking=True)
-        targets = targets.to(self.env.device, non_blocking=True)
-        with self.autocast():
-            loss = F.cross_entropy(self.net(images).float(), targets)
+    def backward(
+        self, micro: tuple[int, int, tuple[torch.Tensor, torch.Tensor]], n_micro: int
+    ) -> tuple[torch.Tensor, int]:
+        """The training loss of one micro-batch (mixup/cutmix applied); the gradient of the window's mean (DDP
+        averages over ranks). Its random draws come from the seed of (run seed, epoch, batch index)."""
+        epoch, index, (images, targets) = micro
+        args, device = self.args, self.env.device
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with seeded_batch(batch_seed(args.seed, epoch, index), device):
+            if self.mixup is not None:
+                self.mixup.mixup_enabled = not (args.mixup_off_epoch and epoch >= args.mixup_off_epoch)
+                images, targets = self.mixup(images, targets)
+            if self.show_batch:
+                self._show_batch(images)
+            with self.autocast():
+                loss = self.loss_fn(self.net(images).float(), targets)
         scaled = loss / n_micro
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach().double() * len(targets), len(targets)
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step ``step`` (1-based): update the EMA."""
+        if self.ema is not None:
+            self.ema.update(step)
+
+    def _show_batch(self, images: torch.Tensor) -> None:
+        """The first training batch as augmented (mixup/cutmix included): TensorBoard images, ``--save-images``."""
+        self.show_batch = False
+        config = data_config(self.args, self.model)
+        mean = torch.tensor(config["mean"], device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(config["std"], device=images.device).view(1, 3, 1, 1)
+        shown = (images[:16].detach().float() * std + mean).clamp(0, 1).cpu()
+        writer = getattr(self.loop, "writer", None)
+        if writer is not None:
+            writer.add_images("train/augmented_batch", shown, 0)
+        if self.args.save_images:
+            from torchvision.utils import save_image
+
+            atomic_write(self.run_dir / "train-batch.jpg", lambda tmp: save_image(shown, tmp, nrow=4, format="jpeg"))
 
     def checkpoint(self, progress: Progress) -> dict[str, Any]:
         """The checkpoint (`neat_vision.engine.checkpoint`), on rank 0."""
@@ -329,9 +382,12 @@ class VisionTask:
             "model": model_state(self.model, full=self.args.save_full),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            **({"model_ema": self.ema.state_dict()} if self.ema is not None else {}),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             # the loop's Progress, with train.py's names of the position (``batch``: the next batch of the epoch)
-            "progress": asdict(progress) | {"step": progress.global_step, "batch": batch, "last_val": self.last_val},
+            "progress": asdict(progress)
+            | {"step": progress.global_step, "batch": batch, "last_val": self.last_val}
+            | ({"last_live_val": self.last_live_val} if self.ema is not None else {}),
             "args": resolved_config(self.args),
         }
 
@@ -344,28 +400,37 @@ class VisionTask:
         load_model_state(self.model, ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            if "model_ema" not in ckpt:
+                raise ResumeError(f"resume={str(path)!r} holds no model EMA: resume it without --model-ema")
+            self.ema.load_state_dict(ckpt["model_ema"])
         if self.scaler is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.last_val = dict(ckpt["progress"]["last_val"])
+        self.last_live_val = dict(ckpt["progress"].get("last_live_val", {}))
         return path, ckpt, Progress(**{k: ckpt["progress"][k] for k in Progress.__dataclass_fields__})
 
     def end_epoch(self, end: EpochEnd) -> tuple[dict[str, Any], dict[str, float]]:
         """Validate (every ``eval_every`` epochs and at the last); the summary row, TensorBoard scalars, a log line."""
         args, env = self.args, self.env
         last_step = max(end.step - 1, 0)
-        lrs = {
-            f"lr_{g['name']}": base * factor(last_step)
-            for g, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas)
-        }
+        lrs = {f"lr_{g['name']}": lr for g, lr in zip(self.optimizer.param_groups, self.scheduler.lrs_at(last_step))}
         val: dict[str, float] = {}
+        live: dict[str, float] = {}
         if end.epoch % args.eval_every == 0 or end.epoch == args.epochs:
-            val = self.last_val = evaluate(self.model, self.loaders["val"], env, self.autocast, args.limit_eval_batches)
+            val = self._evaluate("val")
+            if self.ema is not None:  # the EMA is the model of record; the live model is reported beside it
+                live, val = val, self._evaluate("val", ema=True)
+                self.last_live_val = live
+            self.last_val = val
+        self.scheduler.end_epoch(end.epoch, val.get("top1"))
         row = {
             "epoch": end.epoch,
             "train_loss": end.train_loss,
             "val_loss": val.get("loss"),
             "val_top1": val.get("top1"),
             "val_top5": val.get("top5"),
+            **({"live_val_loss": live.get("loss"), "live_val_top1": live.get("top1")} if self.ema is not None else {}),
             **lrs,
             "images_per_s": end.rate,
             "wall_time_s": end.elapsed(),
@@ -376,6 +441,7 @@ class VisionTask:
         if args.tb:
             scalars = {"train/epoch_loss": end.train_loss, "train/images_per_s": end.rate}
             scalars |= {f"val/{key}": val[key] for key in ("loss", "top1", "top5") if key in val}
+            scalars |= {f"val_live/{key}": live[key] for key in ("loss", "top1", "top5") if key in live}
             scalars |= {f"delta_norm/{layer}": norm for layer, norm in delta_norms(self.model).items()}
             if env.device.type == "cuda":
                 scalars["memory/peak_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
@@ -391,13 +457,36 @@ class VisionTask:
         )
         return row, scalars
 
+    def _evaluate(self, split: str, ema: bool = False) -> dict[str, float]:
+        """Top-1/top-5/loss of the live model on ``split``, or of the EMA (put into the model for the pass)."""
+        args = self.args
+        with self.ema.applied() if ema else contextlib.nullcontext():
+            return evaluate(self.model, self.loaders[split], self.env, self.autocast, args.limit_eval_batches)
+
     def on_best(self, row: dict[str, Any]) -> None:
         """Nothing to do: the loop copies the epoch's checkpoint to ``best.pth``."""
+
+    def after_save(self, progress: Progress) -> None:
+        """``--checkpoint-hist N``: keep the checkpoints of the N best validated epochs (``checkpoint-<epoch>.pth``,
+        copies of ``last.pth`` written at the epoch's end), as timm's ``CheckpointSaver`` keeps its history."""
+        keep = self.args.checkpoint_hist
+        if keep < 2 or not self.env.is_main or progress.step_in_epoch or not progress.history:
+            return
+        folder = self.run_dir / "checkpoints"
+        row = progress.history[-1]
+        if row.get("val_top1") is None:
+            return
+        epoch_file = folder / f"checkpoint-{row['epoch']}.pth"
+        atomic_write(epoch_file, lambda tmp: shutil.copyfile(folder / "last.pth", tmp))
+        scored = [r for r in progress.history if r.get("val_top1") is not None]
+        ranked = sorted(scored, key=lambda r: (-r["val_top1"], -r["epoch"]))
+        for r in ranked[keep:]:
+            (folder / f"checkpoint-{r['epoch']}.pth").unlink(missing_ok=True)
 
     def finish(self, loop: TrainLoop) -> dict[str, Any]:
         """Test the last-epoch model, export the adapter, write ``final.json`` and TensorBoard hparams."""
         args, env, state, writer = self.args, self.env, loop.progress, loop.writer
-        test = evaluate(self.model, self.loaders["test"], env, self.autocast, args.limit_eval_batches)
+        test = self._evaluate("test", ema=self.ema is not None)
         summary = trainable_summary(self.model)
         best = state.best
         final = {
@@ -423,10 +512,23 @@ class VisionTask:
             "dataset": args.dataset,
             "output_dir": str(self.run_dir),
         }
+        if self.ema is not None:  # the EMA is the model of record (its adapter is adapter/); the live one beside it
+            live_test = self._evaluate("test")
+            final |= {
+                "live_val_top1": self.last_live_val.get("top1"),
+                "live_test_top1": live_test["top1"],
+                "live_test_top5": live_test["top5"],
+                "live_test_loss": live_test["loss"],
+            }
         if env.device.type == "cuda":
             final["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
         if env.is_main:
-            export_trained(self.model, args, self.run_dir / "adapter")
+            if self.ema is not None:
+                export_trained(self.model, args, self.run_dir / "adapter_live")
+                with self.ema.applied():
+                    export_trained(self.model, args, self.run_dir / "adapter")
+            else:
+                export_trained(self.model, args, self.run_dir / "adapter")
             if writer is not None:
                 writer.add_scalar("test/top1", test["top1"], state.global_step)
                 writer.add_scalar("test/top5", test["top5"], state.global_step)
@@ -456,4 +558,10 @@ def _hparams(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
         out |= {"neat_rank": args.neat_rank, "neat_depth": args.neat_depth, "neat_act": args.neat_act}
         out["neat_targets"] = ",".join(args.neat_targets)
     out["batch"] = args.batch_size * args.grad_accum * env.world_size
+    out |= {"opt": args.opt, "sched": args.sched}
+    for key in ("smoothing", "mixup", "cutmix", "aa", "reprob", "drop_path", "layer_decay"):
+        if getattr(args, key):
+            out[key] = getattr(args, key)
+    if args.model_ema:
+        out["model_ema_decay"] = args.model_ema_decay
     return out
