@@ -316,3 +316,14 @@ def test_vpetl_recipe_runs_end_to_end_on_the_offline_demo(tmp_path):
     assert final["steps"] == 10 and 0 <= final["test_top1"] <= 100
     rows = _rows(tmp_path / "vpetl")
     assert float(rows[0]["lr_neat"]) == pytest.approx(1e-7)  # warmup_lr in the first (warmup) epoch
+
+
+def test_grad_checkpointing_and_channels_last_train_like_the_plain_run(tmp_path):
+    """timm's block checkpointing (the batched tweaker pass stands aside) and the channels-last format change how
+    the step is computed, not what it computes."""
+    plain = run(_args(tmp_path, "plain", "--drop-path", "0.1", epochs=1))
+    other = run(_args(tmp_path, "ckpt", "--drop-path", "0.1", "--grad-checkpointing", "--channels-last", epochs=1))
+    for key, value in plain.items():
+        if key in VOLATILE or not isinstance(value, (int, float)):
+            continue
+        assert other[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
