@@ -473,12 +473,16 @@ class _Dropping:
 
 @pytest.mark.parametrize("how", ["signal", "dropped"])
 @pytest.mark.parametrize("executor", ["local", "submitit-local"])
-def test_ctrl_c_in_the_wait_loop_stops_the_runs(tmp_path, monkeypatch, capsys, executor, how):
+def test_ctrl_c_in_the_wait_loop_stops_the_runs(tmp_path, monkeypatch, capsys, request, executor, how):
     """Ctrl-C while the study waits: its runs are stopped (submitit-local: jobs cancelled), it raises
     KeyboardInterrupt; a Ctrl-C whose KeyboardInterrupt Python dropped (raised in a finalizer) is not lost."""
     if executor != "local":
         pytest.importorskip("submitit")
         from neat_vision.studies import slurm
+    # Ctrl-C reaches a process whose SIGINT is Python's default handler; a shell's background job (`cmd &` without
+    # job control, as in a nohup'd CI script) starts with SIGINT ignored, where no Ctrl-C can reach a study at all
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     path = write_study(tmp_path, grid=dict(neat_depth=[2], neat_act=["relu"]), seeds=[0], slurm=dict(timeout_min=60))
     name = "neat_depth=2__neat_act=relu__seed=0"
     monkeypatch.setenv("FAKE_WAIT", name)  # the run writes its pids, then sleeps 60 s
