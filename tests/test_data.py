@@ -164,7 +164,7 @@ def test_class_names_come_from_the_dataset_metadata(tmp_path, monkeypatch: pytes
         "American Bulldog",
     ]
     assert build_dataset("cars", fx.write_stanford_cars(tmp_path / "c").root, "test").classes == fx.CAR_NAMES
-    assert build_dataset("fgvc", fx.write_fgvc_aircraft(tmp_path / "f").root, "val").classes == fx.VARIANTS
+    assert build_dataset("fgvc_aircraft", fx.write_fgvc_aircraft(tmp_path / "f").root, "val").classes == fx.VARIANTS
     assert build_dataset("dtd", fx.write_dtd(tmp_path / "d").root, "val").classes == fx.TEXTURES
     cifar = _write("cifar10", tmp_path / "x", monkeypatch)
     assert build_dataset("cifar10", cifar.root, "val").classes == fx.CIFAR10_NAMES
@@ -258,7 +258,7 @@ def test_names_aliases_and_argument_errors() -> None:
     for alias, name in [
         ("Pets", "oxford_pets"),
         ("cars", "stanford_cars"),
-        ("FGVC", "fgvc_aircraft"),
+        ("FGVC-Aircraft", "fgvc_aircraft"),
         ("EuroSAT", "eurosat"),
         ("CIFAR-10", "cifar10"),
         ("NWPU-RESISC45", "resisc45"),

@@ -28,6 +28,7 @@ SCRIPTS = {  # console script -> its function (pyproject.toml [project.scripts])
     "neat-train": "neat_vision.engine:main",
     "neat-study": "neat_vision.studies.study:main",
     "neat-compare": "neat_vision.studies.compare:main",
+    "neat-benchmark": "neat_vision.studies.benchmark:main",
     "neat-predict": "neat_vision.tools.predict:cli",
     "neat-evaluate": "neat_vision.tools.evaluate:cli",
     "neat-export": "neat_vision.tools.export:cli",

@@ -1,5 +1,6 @@
 """Data layer: dataset registry and loaders, deterministic splits, albumentations transforms, DataLoaders."""
 
+from neat_vision.data.benchmarks import FGVC_SETS, PROTOCOLS, VTAB1K_GROUPS, VTAB1K_TASKS, suite_tasks
 from neat_vision.data.datasets import (
     ArrayImageDataset,
     CorruptImageError,
@@ -34,6 +35,11 @@ from neat_vision.data.splits import (
 from neat_vision.data.transforms import INTERPOLATIONS, ImageTransform, build_transforms
 
 __all__ = [
+    "FGVC_SETS",
+    "PROTOCOLS",
+    "VTAB1K_GROUPS",
+    "VTAB1K_TASKS",
+    "suite_tasks",
     "DTD_RULE",
     "INTERPOLATIONS",
     "OFFICIAL_TEST_VAL10",

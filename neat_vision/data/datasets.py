@@ -231,6 +231,7 @@ class DatasetEntry:
     num_classes: int | None
     split_sizes: dict[str, int] | None
     aliases: tuple[str, ...]
+    protocols: tuple[str, ...] = ()  # split protocols the loader takes as ``protocol=`` (the first is the default)
 
 
 _REGISTRY: dict[str, DatasetEntry] = {}
@@ -247,12 +248,13 @@ def register_dataset(
     aliases: Sequence[str] = (),
     num_classes: int | None = None,
     split_sizes: dict[str, int] | None = None,
+    protocols: Sequence[str] = (),
 ) -> Callable[[Loader], Loader]:
     """Decorator registering ``loader(root, split, seed, download) -> ImageDataset`` under ``name``.
 
     Names and aliases are matched case-insensitively, ignoring ``_``, ``-`` and spaces. ``num_classes`` and
     ``split_sizes`` (on the real data) are reported by ``dataset_info``; leave them ``None`` when they depend
-    on the user's files.
+    on the user's files. A loader with ``protocols`` also receives ``protocol=`` (which lists make which split).
     """
 
     def decorate(loader: Loader) -> Loader:
@@ -260,7 +262,7 @@ def register_dataset(
         taken = [k for k in keys if k in _LOOKUP]
         if taken:
             raise ValueError(f"dataset name/alias {taken} already registered for {_LOOKUP[taken[0]]!r}")
-        _REGISTRY[name] = DatasetEntry(name, loader, num_classes, split_sizes, tuple(aliases))
+        _REGISTRY[name] = DatasetEntry(name, loader, num_classes, split_sizes, tuple(aliases), tuple(protocols))
         _LOOKUP.update(dict.fromkeys(keys, name))
         return loader
 
@@ -298,19 +300,28 @@ def build_dataset(
     seed: int = 0,
     download: bool = False,
     skip_corrupt: bool = False,
+    protocol: str | None = None,
 ) -> ImageDataset:
     """Load split ``split`` ('train', 'val' or 'test') of dataset ``name`` stored under ``root``.
 
     ``seed`` selects the train/val (and, for pooled datasets, test) partition; ``download`` is passed to
     torchvision where it can download; ``skip_corrupt`` drops unreadable images (counted in ``.skipped``)
-    instead of raising ``CorruptImageError`` when they are loaded.
+    instead of raising ``CorruptImageError`` when they are loaded. ``protocol`` picks a suite's split protocol
+    (``vtab1k``, ``fgvc``: 'tune' or 'final'; see `neat_vision.data.benchmarks`).
     """
     entry = _entry(name)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    dataset = entry.loader(None if root is None else Path(root).expanduser(), split, seed, download)
+    extra = {}
+    if entry.protocols:
+        extra["protocol"] = entry.protocols[0] if protocol is None else protocol
+        if extra["protocol"] not in entry.protocols:
+            raise ValueError(f"split_protocol={protocol!r} is not one of {entry.name}'s: {', '.join(entry.protocols)}")
+    elif protocol is not None:
+        raise ValueError(f"split_protocol={protocol!r}: dataset {entry.name!r} has one split; drop split_protocol")
+    dataset = entry.loader(None if root is None else Path(root).expanduser(), split, seed, download, **extra)
     if skip_corrupt:
         return dataset.drop_unreadable()
     missing = dataset.missing_files()
@@ -525,7 +536,7 @@ def _eurosat(root: Path | None, split: str, seed: int, download: bool) -> ImageD
 
 @register_dataset(
     "fgvc_aircraft",
-    aliases=("fgvc", "aircraft", "fgvcaircraft"),
+    aliases=("aircraft", "fgvcaircraft"),
     num_classes=100,
     split_sizes=OFFICIAL_TEST_VAL10.sizes(3334, 3333),
 )

@@ -328,6 +328,7 @@ def build_transforms(
     remode: str = "pixel",
     recount: int = 1,
     no_aug: bool = False,
+    squash: bool = False,
 ) -> ImageTransform:
     """Train or eval pipeline for a timm ``data_config``; ``seed`` fixes the augmentation random state.
 
@@ -345,6 +346,8 @@ def build_transforms(
       this many boxes.
     * ``no_aug`` [``--no-aug``]: no augmentation at all; the train pipeline is the eval pipeline (and every
       other train option is ignored, after validation).
+    * ``squash``: the eval pipeline (and the train one with ``no_aug``) resizes the image to the input size,
+      aspect ratio not kept, without a crop (the VTAB-1k protocol's ``Resize((224, 224))``).
 
     All options are validated (``ValueError``) whether or not ``train`` is set; eval pipelines ignore them.
     """
@@ -403,6 +406,8 @@ def build_transforms(
             steps.append(A.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, p=1.0))
         if reprob > 0:
             erase = RandomErasing(probability=reprob, mode=remode, max_count=int(recount), device="cpu")
+    elif squash:
+        steps = [A.Resize(height, width, interpolation=flag)]
     else:
         crop_pct = float(_field(data_config, "crop_pct"))
         if crop_pct <= 0:

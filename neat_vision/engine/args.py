@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--download", action=bool_flag, default=False, help="let torchvision download the data")
     g.add_argument("--skip-corrupt", action=bool_flag, default=False, help="drop unreadable images")
     g.add_argument(
+        "--split-protocol", default=None, choices=["tune", "final"],
+        help="vtab1k/fgvc: tune (train800 -> val200) or final (train800val200, report test); None: tune",
+    )  # fmt: skip
+    g.add_argument(
+        "--squash", action=bool_flag, default=False,
+        help="evaluate (and with --no-aug train) on the image resized to the input size, no crop (VTAB-1k protocol)",
+    )  # fmt: skip
+    g.add_argument(
         "--img-size", type=int, default=None, help="input size (None: model_kwargs img_size, else the model's)"
     )
     g.add_argument("--crop-pct", type=float, default=None, help="eval resize = size / crop_pct (None: the model's)")

@@ -48,6 +48,7 @@ def augmentation_options(args: argparse.Namespace) -> dict[str, Any]:
         "remode": getattr(args, "remode", "pixel"),
         "recount": getattr(args, "recount", 1),
         "no_aug": getattr(args, "no_aug", False),
+        "squash": getattr(args, "squash", False),
     }
 
 
@@ -73,6 +74,7 @@ def build_datasets(args: argparse.Namespace, env: DistEnv) -> dict[str, Dataset]
                 seed=args.seed,
                 download=args.download,
                 skip_corrupt=args.skip_corrupt,
+                protocol=getattr(args, "split_protocol", None),
             )
             for split in SPLITS
         }

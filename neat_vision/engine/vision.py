@@ -287,7 +287,8 @@ class VisionTask:
             checkpoint_steps=args.checkpoint_interval or 0,
             stop_after_steps=args.stop_after_steps,
             log_interval=args.log_interval,
-            select_metric="val_top1",
+            # the final protocol validates on data it trains on: nothing to select on, the final epoch counts
+            select_metric=None if getattr(args, "split_protocol", None) == "final" else "val_top1",
             unit="img",
             checkpoint_option="checkpoint_interval",
             checkpoint_tensors=("model", "optimizer", "model_ema") if args.model_ema else ("model", "optimizer"),
